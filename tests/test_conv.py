@@ -1,0 +1,80 @@
+"""The matmul weight-gradient convolution equals XLA's own, value and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from sdl_jax.models.conv import conv_general_dilated as fast_conv
+from sdl_jax.models.small_cnn import max_pool_2x2
+
+DN = ("NHWC", "HWIO", "NHWC")
+CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
+    (9, 4, 6, 3, (1, 1), "SAME", 1),
+    (9, 4, 6, 3, (2, 2), "SAME", 1),
+    (8, 4, 8, 1, (1, 1), "VALID", 1),
+    (11, 6, 6, 5, (2, 2), ((0, 1), (0, 1)), 6),  # depthwise, TF-style asymmetric pad
+    (10, 4, 8, 3, (1, 2), ((1, 1), (2, 0)), 2),  # grouped, mixed strides
+]
+
+
+@pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", CASES)
+def test_value_and_gradients_equal_lax(h, cin, cout, k, strides, padding, groups):
+  rng = np.random.default_rng(h + k)
+  x = jnp.asarray(rng.normal(size=(2, h, h + 1, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
+
+  def loss(conv, x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=DN, feature_group_count=groups)
+    return jnp.sum(jnp.sin(y))
+
+  np.testing.assert_allclose(
+      fast_conv(x, w, strides, padding, dimension_numbers=DN, feature_group_count=groups),
+      lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
+                               feature_group_count=groups), rtol=1e-6, atol=1e-6)
+  got = jax.grad(lambda x, w: loss(fast_conv, x, w), argnums=(0, 1))(x, w)
+  want = jax.grad(lambda x, w: loss(lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_check_grads_float64():
+  jax.config.update("jax_enable_x64", True)
+  try:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
+    f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN)
+    check_grads(f, (x, w), order=1, modes=["rev"])
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_other_layouts_fall_back_to_lax():
+  x = jnp.ones((1, 3, 5, 5))
+  w = jnp.ones((4, 3, 3, 3))
+  got = fast_conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  want = lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                  dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_flax_conv_with_fast_conv_matches_default():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 3)), jnp.float32)
+  plain = nn.Conv(5, (3, 3))
+  fast = nn.Conv(5, (3, 3), conv_general_dilated=fast_conv)
+  v = plain.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_allclose(fast.apply(v, x), plain.apply(v, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2)])
+def test_max_pool_2x2_equals_flax_max_pool(shape):
+  x = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  np.testing.assert_array_equal(max_pool_2x2(x), ref(x))
+  g = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(ref(x) ** 2))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-6)
