@@ -1,0 +1,578 @@
+r"""Training and evaluation: data-parallel over local devices and hosts, resumable.
+
+``train_and_evaluate(config, workdir)`` trains the joint classification + distribution
+model of ``config`` (see ``configs/sdl.py``) and evaluates it exactly over whole splits.
+
+Data parallelism: ``train_step`` and ``eval_step`` are ``jax.pmap``-ed over the local
+devices with axis name ``'batch'``; the global batch ``config.batch_size`` is split over
+all devices of all processes (a clear error if it does not divide); gradients are
+``pmean``-ed, metric sums ``psum``-med. BatchNorm statistics are per device while
+training and averaged (``sync_batch_stats``) before every evaluation and checkpoint.
+With ``config.distributed`` each process calls ``jax.distributed.initialize()`` and reads
+its own shard of the data.
+
+The loop never syncs with the host per step: metric sums stay on device and are fetched
+every ``log_every_steps``; the state is donated to ``train_step``; batches are prefetched
+onto the devices.
+
+The workdir (written by process 0; checkpoints by all processes through orbax)::
+
+    config.json            the config as saved at the start of the latest run
+    run.json               facts the config does not hold: classes, steps, image size
+    metrics.jsonl          one JSON object per line: {"step", "split", metric: value, ...}
+                           ("train" every log_every_steps, "validation" every
+                           eval_every_steps, "test" at the end)
+    tensorboard/           TensorBoard event files (tf.summary)
+    checkpoints/<step>/    the latest config.keep_checkpoints checkpoints (orbax)
+    checkpoints_best/<step>/, best.json   the best on config.best_metric (validation)
+    results.json, report.md   final test metrics of the best checkpoint (and of the last
+                           step) next to the baselines
+
+Running the same command again resumes from the latest checkpoint ("resuming from step
+N") and ends with the same parameters as a run that went straight through: the data
+stream and the dropout keys are functions of ``(seed, step)``. SIGTERM or Ctrl-C saves a
+checkpoint at the next step boundary and returns cleanly.
+
+``restore_state(config, workdir, which)`` gives the TrainState of a workdir for inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax import jax_utils
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sdl_jax import checkpoint as ckpt_lib
+from sdl_jax import losses
+from sdl_jax import metrics as metrics_lib
+from sdl_jax import models
+from sdl_jax import optim
+
+AXIS = "batch"
+REPORT_MEASURES = ("accuracy",) + metrics_lib.LDL_MEASURES
+
+
+class TrainState(train_state.TrainState):
+  """``flax.training.train_state.TrainState`` plus BatchNorm statistics (``{}`` if none)."""
+  batch_stats: Any = None
+
+
+# ---------------------------------------------------------------------------------------
+# Model, schedule, optimizer, state.
+
+
+def create_model(config, num_classes: int):
+  """The flax module ``config.model`` with a ``num_classes``-way head."""
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+  if dtype is None:
+    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+  kwargs = config.get("model_kwargs") or {}
+  if isinstance(kwargs, ml_collections.ConfigDict):
+    kwargs = kwargs.to_dict()
+  return models.get_model(config.model, num_classes, dtype=dtype, **kwargs)
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int, num_train_steps: int):
+  """``step -> learning rate`` (see ``sdl_jax.optim``)."""
+  return optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+
+
+def initialized(key, image_size: int, model):
+  """``model.init`` on a ``[1, S, S, 3]`` input; returns (params, batch_stats)."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      {"params": key, "dropout": key}, x)
+  variables = flax.core.unfreeze(variables)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def create_train_state(rng, config, model, image_size: int, learning_rate_fn,
+                       pretrained: bool = True) -> TrainState:
+  """A fresh TrainState; with ``config.pretrained`` (and ``pretrained=True``) the body is
+  initialised from those weights and only the head keeps its random initialisation."""
+  params, batch_stats = initialized(rng, image_size, model)
+  head = models.get_spec(config.model).head
+  if pretrained and config.get("pretrained"):
+    # Lazy: the pretrained path needs torch; the default config must not.
+    from sdl_jax import weights  # pylint: disable=g-import-not-at-top
+    variables = weights.init_from_pretrained(
+        {"params": params, "batch_stats": batch_stats},
+        weights.load_pretrained(config.pretrained), head=head)
+    variables = flax.core.unfreeze(variables)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  tx = optim.create_optimizer(config, learning_rate_fn, params, head)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           batch_stats=batch_stats)
+
+
+# ---------------------------------------------------------------------------------------
+# Steps (run under pmap with axis name AXIS).
+
+
+def _variables(state, params=None):
+  v = {"params": state.params if params is None else params}
+  if state.batch_stats:
+    v["batch_stats"] = state.batch_stats
+  return v
+
+
+def train_step(state: TrainState, batch, *, lam: float, rng):
+  """One SGD step on a per-device batch; gradients ``pmean``-ed over ``AXIS``.
+
+  Args:
+    state: the (per-device) TrainState.
+    batch: ``image`` float ``[b, S, S, 3]``, ``label`` int32 ``[b]``, ``distribution``
+      float32 ``[b, C]``, ``mask`` float32 ``[b]`` (all ones while training).
+    lam: the joint loss's mixing weight.
+    rng: base PRNG key; the dropout key is ``fold_in(fold_in(rng, step), device)``.
+
+  Returns:
+    (new state, metric sums over the global batch, as ``metrics.batch_sums``).
+  """
+  key = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    out, updates = state.apply_fn(_variables(state, params), batch["image"], train=True,
+                                  rngs={"dropout": key}, mutable=["batch_stats"])
+    loss = losses.sdl_loss(out, batch["label"], batch["distribution"], lam)
+    return loss, (out, updates)
+
+  (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  new_state = state.apply_gradients(grads=grads)
+  if state.batch_stats:
+    new_state = new_state.replace(batch_stats=updates["batch_stats"])
+  per_example = losses.per_example_loss(logits, batch["label"], batch["distribution"], lam)
+  sums = metrics_lib.batch_sums(jax.nn.softmax(logits), batch["label"],
+                                batch["distribution"], batch["mask"], loss=per_example)
+  return new_state, jax.lax.psum(sums, AXIS)
+
+
+def eval_step(state: TrainState, batch, *, lam: float):
+  """Masked metric sums of one per-device batch, ``psum``-med over ``AXIS``."""
+  logits = state.apply_fn(_variables(state), batch["image"], train=False)
+  per_example = losses.per_example_loss(logits, batch["label"], batch["distribution"], lam)
+  sums = metrics_lib.batch_sums(jax.nn.softmax(logits), batch["label"],
+                                batch["distribution"], batch["mask"], loss=per_example)
+  return jax.lax.psum(sums, AXIS)
+
+
+@functools.partial(jax.pmap, axis_name="x")
+def _pmean_x(x):
+  return jax.lax.pmean(x, "x")
+
+
+def sync_batch_stats(state: TrainState) -> TrainState:
+  """Averages the per-device BatchNorm statistics of a replicated state."""
+  if not state.batch_stats:
+    return state
+  return state.replace(batch_stats=_pmean_x(state.batch_stats))
+
+
+def make_pmapped_steps(config):
+  """``(p_train_step, p_eval_step)``: pmapped over AXIS, the train state donated."""
+  rng = jax.random.key(int(config.seed))
+  p_train = jax.pmap(functools.partial(train_step, lam=float(config.lam), rng=rng),
+                     axis_name=AXIS, donate_argnums=(0,))
+  p_eval = jax.pmap(functools.partial(eval_step, lam=float(config.lam)), axis_name=AXIS)
+  return p_train, p_eval
+
+
+def evaluate(p_eval_step, state, dataset, prefetch: int = 2) -> dict:
+  """Exact metrics of a replicated ``state`` over one padded pass of ``dataset``."""
+  from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  sums = None
+  for batch in pipeline.prefetch_to_device(pipeline.as_numpy(dataset), prefetch):
+    sums = metrics_lib.merge(sums, p_eval_step(state, batch))
+  return metrics_lib.finalize(jax.tree_util.tree_map(lambda x: x[0], sums))
+
+
+# ---------------------------------------------------------------------------------------
+# Baselines and reports.
+
+
+def baseline_metrics(probs, labels, distributions) -> dict:
+  """Metrics of fixed predictions ``probs`` ``[N, C]`` (or ``[C]``) against a split."""
+  distributions = np.asarray(distributions, np.float32)
+  probs = np.broadcast_to(np.asarray(probs, np.float32), distributions.shape)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    sums = metrics_lib.batch_sums(jnp.asarray(probs), jnp.asarray(labels),
+                                  jnp.asarray(distributions))
+    return metrics_lib.finalize(sums)
+
+
+def compute_baselines(builder, split: str = "test") -> dict:
+  """``uniform``, ``train_mean`` and, where the set has an ``oracle`` feature, ``oracle``."""
+  from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  has_oracle = "oracle" in builder.info.features
+  keys = ("label", "distribution") + (("oracle",) if has_oracle else ())
+  target = pipeline.read_targets(builder, split, keys)
+  train = pipeline.read_targets(builder, "train", ("distribution",))
+  c = target["distribution"].shape[1]
+  out = {
+      "uniform": baseline_metrics(np.full((c,), 1.0 / c), target["label"],
+                                  target["distribution"]),
+      "train_mean": baseline_metrics(train["distribution"].mean(0), target["label"],
+                                     target["distribution"]),
+  }
+  if has_oracle:
+    out["oracle"] = baseline_metrics(target["oracle"], target["label"],
+                                     target["distribution"])
+  return out
+
+
+def _fmt(name, v):
+  return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_report(workdir: str, results: dict) -> str:
+  """Writes ``report.md``: the test table (model vs baselines) and how it was made."""
+  arrows = {k: ("↑" if metrics_lib.HIGHER_IS_BETTER[k] else "↓") for k in REPORT_MEASURES}
+  header = "| | " + " | ".join(f"{k} {arrows[k]}" for k in REPORT_MEASURES) + " |"
+  rule = "|---" * (len(REPORT_MEASURES) + 1) + "|"
+  rows = [(f"model, best validation {results['best_metric']} "
+           f"(step {results['best_step']})", results["test"]),
+          (f"model, last step ({results['num_train_steps']})", results["test_last"])]
+  names = {"oracle": "oracle floor (predict the oracle)",
+           "train_mean": "training set's mean distribution",
+           "uniform": "uniform distribution"}
+  for key in ("oracle", "train_mean", "uniform"):
+    if key in results["baselines"]:
+      rows.append((names[key], results["baselines"][key]))
+  lines = [f"# {results['name']}: test split ({results['test']['count']} images)", "",
+           header, rule]
+  for name, m in rows:
+    lines.append(f"| {name} | " + " | ".join(_fmt(k, m[k]) for k in REPORT_MEASURES) + " |")
+  lines += ["",
+            f"Model `{results['model']}`, lam = {results['lam']}, "
+            f"{results['num_train_steps']} steps of global batch {results['batch_size']} on "
+            f"{results['devices']} device(s) x {results['processes']} process(es), "
+            f"{results['wall_time_s']:.0f} s wall time for this run "
+            f"(from step {results['start_step']}).",
+            "Accuracy is top-1 against the dominant vote; the six LDL measures compare the "
+            "predicted distribution with the vote distribution (Geng 2016)."]
+  if "oracle" in results["baselines"]:
+    lines.append("The oracle floor is what the hidden distribution that generated the votes "
+                 "scores against those votes: the best any model can expect.")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+# ---------------------------------------------------------------------------------------
+# The workdir.
+
+
+class _MetricWriter:
+  """metrics.jsonl + TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    # A resumed run re-does the steps after its checkpoint: drop their old lines.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    # tf.summary.scalar needs the tensorboard package; tf.summary.write with the scalars
+    # plugin's metadata writes the same event records without it.
+    self._scalar_meta = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+  def write(self, step: int, split: str, values: dict):
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
+    with self._tb.as_default():
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and k != "count":
+          self._tf.summary.write(f"{split}/{k}", self._tf.constant(float(v), self._tf.float32),
+                                 step=int(step), metadata=self._scalar_meta)
+    self._tb.flush()
+
+  def close(self):
+    if self.active:
+      self._tb.close()
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and returns at the next step.
+  A second Ctrl-C interrupts at once."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint at the next step boundary",
+                    self.signal)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
+def default_workdir(config) -> str:
+  """``./workdirs/<config.name>``."""
+  return os.path.join("workdirs", config.get("name", "run"))
+
+
+def validate_config(config) -> None:
+  """Clear errors for settings that would otherwise fail deep inside JAX or TFDS."""
+  if config.data.name != "synthetic" and not config.data.get("path"):
+    raise ValueError(
+        f"data set {config.data.name!r} (preset {config.get('name')!r}) reads its files "
+        "from disk: pass --config.data.path=/path/to/the/data/set/folder")
+  if config.best_metric not in metrics_lib.HIGHER_IS_BETTER:
+    raise ValueError(f"config.best_metric must be one of "
+                     f"{', '.join(metrics_lib.HIGHER_IS_BETTER)}, got {config.best_metric!r}")
+  if not 0.0 <= float(config.lam) <= 1.0:
+    raise ValueError(f"config.lam must be in [0, 1], got {config.lam}")
+  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    if int(config[name]) <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  models.get_spec(config.model)
+
+
+def _maybe_initialize_distributed(config):
+  if not config.get("distributed"):
+    return
+  kwargs = {k: config.get(k) for k in ("coordinator_address", "num_processes", "process_id")
+            if config.get(k) is not None}
+  if not jax.distributed.is_initialized():
+    jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+
+
+def _write_json(path, obj):
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=2, default=str)
+
+
+def _save_config(workdir: str, config) -> None:
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+      logging.warning("config differs from the one saved in %s in: %s", path,
+                      ", ".join(changed))
+  _write_json(path, new)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _host(state):
+  """Unreplicated host copy of a replicated state (for checkpoints)."""
+  return jax.device_get(jax_utils.unreplicate(state))
+
+
+def _load_data(config):
+  from sdl_jax import data  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+  return data.get_builder(config.data)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """Trains, validates every ``eval_every_steps``, tests the best checkpoint at the end.
+
+  Returns:
+    The results dict also written to ``workdir/results.json`` (with ``interrupted: True``
+    and no test metrics if a signal stopped the run).
+  """
+  t_start = time.time()
+  _maybe_initialize_distributed(config)
+  validate_config(config)
+  workdir = workdir or default_workdir(config)
+  os.makedirs(workdir, exist_ok=True)
+  from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  builder = _load_data(config)
+  num_classes = builder.info.features["label"].num_classes
+  class_names = list(builder.info.features["label"].names)
+  train_ds_probe = pipeline.per_process_batch(  # Fails early with a clear message.
+      config.batch_size, jax.process_count(), jax.local_device_count())
+  del train_ds_probe
+
+  model = create_model(config, num_classes)
+  ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints, config.best_metric,
+                               metrics_lib.HIGHER_IS_BETTER[config.best_metric])
+  latest = ckpts.latest_step()
+  start_step = int(latest or 0)
+
+  train_ds, steps_per_epoch = pipeline.train_dataset(builder, config, start_step=start_step)
+  num_train_steps = int(config.num_train_steps or
+                        math.ceil(float(config.num_epochs) * steps_per_epoch))
+  lr_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+  state = create_train_state(jax.random.key(int(config.seed)), config, model,
+                             config.image_size, lr_fn, pretrained=latest is None)
+  if latest is not None:
+    state = ckpts.restore(state, "latest")
+    logging.info("resuming from step %d (checkpoint %s)", int(state.step),
+                 ckpts.directory("latest", latest))
+    print(f"resuming from step {int(state.step)} ({ckpts.directory('latest', latest)})",
+          flush=True)
+  _save_config(workdir, config)
+  _write_json(os.path.join(workdir, "run.json"), {
+      "model": config.model, "num_classes": num_classes, "class_names": class_names,
+      "image_size": config.image_size, "steps_per_epoch": steps_per_epoch,
+      "num_train_steps": num_train_steps, "data": builder.info.full_name})
+  writer = _MetricWriter(workdir, start_step)
+
+  p_train_step, p_eval_step = make_pmapped_steps(config)
+  val_ds, _, _ = pipeline.eval_dataset(builder, config, "validation")
+  prefetch = int(config.get("prefetch_to_device", 2))
+  state = jax_utils.replicate(state)
+  train_iter = pipeline.prefetch_to_device(pipeline.as_numpy(train_ds), prefetch)
+
+  logging.info("training %s on %s: %d steps (%d per epoch), global batch %d over %d "
+               "device(s)", config.model, builder.info.full_name, num_train_steps,
+               steps_per_epoch, config.batch_size, jax.device_count())
+  step = start_step
+  pending, last_log_step, last_log_time = [], step, time.time()
+  interrupted = None
+  with _StopRequest() as stop:
+    while step < num_train_steps:
+      if stop.signal:
+        interrupted = stop.signal
+        break
+      state, sums = p_train_step(state, next(train_iter))
+      pending.append(sums)
+      step += 1
+      if step % config.log_every_steps == 0 or step == num_train_steps:
+        host = jax.device_get(pending)
+        total = {k: sum(float(h[k][0]) for h in host) for k in host[0]}
+        values = metrics_lib.finalize(total)
+        now = time.time()
+        rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        values.update(steps_per_second=rate, learning_rate=float(lr_fn(step - 1)))
+        writer.write(step, "train", values)
+        logging.info("step %d/%d  loss %.4f  acc %.3f  kl %.4f  |  %.2f steps/s  |  ETA %s",
+                     step, num_train_steps, values["loss"], values["accuracy"],
+                     values["kl"], rate, _duration((num_train_steps - step) / rate))
+        pending, last_log_step, last_log_time = [], step, now
+      is_eval = step % config.eval_every_steps == 0 or step == num_train_steps
+      is_ckpt = step % config.checkpoint_every_steps == 0 or step == num_train_steps
+      if is_eval or is_ckpt:
+        state = sync_batch_stats(state)
+      if is_eval:
+        val = evaluate(p_eval_step, state, val_ds, prefetch)
+        writer.write(step, "validation", val)
+        improved = ckpts.save_best_if_improved(step, _host(state), val)
+        logging.info("validation at step %d: acc %.4f  kl %.4f  %s %.4f%s", step,
+                     val["accuracy"], val["kl"], config.best_metric,
+                     val[config.best_metric], "  (best so far)" if improved else "")
+      if is_ckpt:
+        ckpts.save(step, _host(state))
+  if interrupted:
+    state = sync_batch_stats(state)
+    ckpts.save(step, _host(state))
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+    msg = (f"{interrupted}: stopped at step {step} of {num_train_steps}; checkpoint saved "
+           f"in {ckpts.directory('latest', step)}. Run the same command to resume.")
+    logging.warning(msg)
+    print(msg, flush=True)
+    return {"interrupted": True, "signal": interrupted, "step": step}
+
+  ckpts.wait()
+  # Test: the best checkpoint on validation, and the last step for comparison.
+  test_ds, _, _ = pipeline.eval_dataset(builder, config, "test")
+  last_test = evaluate(p_eval_step, state, test_ds, prefetch)
+  host_template = _host(state)
+  best_step = ckpts.best_step()
+  if best_step is not None and best_step != step:
+    best_state = jax_utils.replicate(ckpts.restore(host_template, "best"))
+    best_test = evaluate(p_eval_step, best_state, test_ds, prefetch)
+  else:
+    best_step, best_test = step, last_test
+  writer.write(step, "test", best_test)
+  baselines = compute_baselines(builder, "test")
+  results = {
+      "name": config.get("name"), "model": config.model, "data": builder.info.full_name,
+      "lam": float(config.lam), "batch_size": int(config.batch_size),
+      "num_train_steps": num_train_steps, "steps_per_epoch": steps_per_epoch,
+      "start_step": start_step, "best_step": int(best_step),
+      "best_metric": config.best_metric,
+      "validation_best": (ckpts.best_info or {}).get("validation"),
+      "test": best_test, "test_last": last_test, "baselines": baselines,
+      "devices": jax.device_count(), "processes": jax.process_count(),
+      "wall_time_s": time.time() - t_start,
+  }
+  _write_json(os.path.join(workdir, "results.json"), results)
+  if jax.process_index() == 0:
+    report = write_report(workdir, results)
+    logging.info("results in %s:\n%s", workdir, report)
+    print(report, flush=True)
+  ckpts.close()
+  writer.close()
+  return results
+
+
+def restore_state(config, workdir: str, which: str = "best") -> TrainState:
+  """The TrainState (host arrays, unreplicated) of a workdir's ``which`` checkpoint
+  (``'best'`` or ``'latest'``), for evaluation and inference. Needs no data set: the
+  number of classes and steps come from ``workdir/run.json``."""
+  with open(os.path.join(workdir, "run.json")) as f:
+    run = json.load(f)
+  model = create_model(config, run["num_classes"])
+  lr_fn = create_learning_rate_fn(config, run["steps_per_epoch"], run["num_train_steps"])
+  target = create_train_state(jax.random.key(0), config, model, config.image_size, lr_fn,
+                              pretrained=False)
+  ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints, config.best_metric,
+                               metrics_lib.HIGHER_IS_BETTER[config.best_metric])
+  try:
+    state = ckpts.restore(target, which)
+    if state is None and which == "best":
+      state = ckpts.restore(target, "latest")
+  finally:
+    ckpts.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir} (checkpoints/ or checkpoints_best/)")
+  return state
