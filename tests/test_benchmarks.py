@@ -1,0 +1,197 @@
+"""The benchmark tool: its helpers against plain references, and a smoke run at tiny sizes
+that checks the output's structure (never its speeds)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdl_jax import perf
+from sdl_jax.losses import sdl_loss
+
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ is a folder of the repository, not part of the installed package.
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+HLO = """HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[]}
+
+%region_0.1 (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.0 = f32[] add(%a, %b)
+}
+
+%fused_computation (param_0: f32[4]) -> f32[] {
+  %param_0 = f32[4]{0} parameter(0)
+  %exp.0 = f32[4]{0} exponential(%param_0)
+  %constant.0 = f32[] constant(0)
+  ROOT %reduce.0 = f32[] reduce(%exp.0, %constant.0), dimensions={0}, to_apply=%region_0.1
+}
+
+ENTRY %main.2 (x.1: f32[4]) -> f32[] {
+  %x.1 = f32[4]{0} parameter(0)
+  %neg.1 = f32[4]{0} negate(%x.1)
+  ROOT %fusion = f32[] fusion(%neg.1), kind=kLoop, calls=%fused_computation
+}
+"""
+
+
+def test_hlo_op_count_counts_real_instructions_only():
+  # add (region), exp + reduce (fused body), negate + fusion (entry); parameters and
+  # constants are free.
+  assert perf.hlo_op_count(HLO) == {"total": 5, "entry": 2, "fusions": 1}
+
+
+def test_hlo_op_count_of_a_compiled_function():
+  compiled = jax.jit(lambda x: jnp.sum(jnp.exp(-x))).lower(jnp.ones(4)).compile()
+  counts = perf.hlo_op_count(compiled.as_text())
+  assert counts["entry"] >= 1 and counts["total"] >= counts["entry"]
+
+
+def test_append_xla_flags_replaces_a_flag_of_the_same_name(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--a=1 --b=2")
+  assert perf.append_xla_flags(["--b=3", "--c"]) == "--a=1 --b=3 --c"
+  assert os.environ["XLA_FLAGS"] == "--a=1 --b=3 --c"
+  with pytest.raises(ValueError, match="must start with '--'"):
+    perf.append_xla_flags(["xla_cpu_foo=1"])
+
+
+def test_compiled_memory_and_flops_of_a_matmul():
+  n = 64
+  compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((n, n)), jnp.ones((n, n))).compile()
+  assert perf.compiled_flops(compiled) == pytest.approx(2 * n**3, rel=0.01)
+  mem = perf.compiled_memory(compiled)
+  assert mem["arguments"] == 2 * n * n * 4 and mem["outputs"] == n * n * 4
+  assert mem["total"] == mem["arguments"] + mem["outputs"] + mem["temporaries"] - mem["aliased"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_peak_rss_sees_a_temporary_allocation():
+  with perf.PeakRSS() as rss:
+    x = np.ones(32 * 2**20 // 8)  # 32 MiB, touched, then freed
+    del x
+  assert rss.growth is not None and rss.growth >= 24 * 2**20
+
+
+def test_jax_matmul_peak_is_a_rate():
+  flops = perf.jax_matmul_peak(n=64, repeats=2, inner=2)
+  assert np.isfinite(flops) and flops > 0
+
+
+def _torch_inputs(n=6, c=5, seed=0):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(n, c)).astype(np.float32)
+  labels = rng.integers(0, c, n).astype(np.int64)
+  labels[-1] = -1  # A padded row.
+  d = rng.random((n, c)).astype(np.float32)
+  d /= d.sum(1, keepdims=True)
+  d[-1] = 0
+  return logits, labels, d
+
+
+def test_torch_loss_equals_sdl_loss_value_and_gradient():
+  torch = pytest.importorskip("torch")
+  from benchmarks.torch_train import sdl_loss as torch_sdl_loss
+  logits, labels, d = _torch_inputs()
+  t = torch.tensor(logits, requires_grad=True)
+  loss = torch_sdl_loss(t, torch.tensor(labels), torch.tensor(d), 0.7)
+  loss.backward()
+  want, grad = jax.value_and_grad(sdl_loss)(jnp.asarray(logits), jnp.asarray(labels),
+                                            jnp.asarray(d), 0.7)
+  np.testing.assert_allclose(loss.item(), want, rtol=1e-5)
+  np.testing.assert_allclose(t.grad.numpy(), grad, rtol=1e-5, atol=1e-7)
+  # And against the formula itself: (p * sum(t) - t) / N, zero on the padded row.
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  y = np.eye(5)[np.maximum(labels, 0)] * (labels >= 0)[:, None]
+  target = 0.3 * y + 0.7 * d
+  np.testing.assert_allclose(t.grad.numpy(), (p * target.sum(1, keepdims=True) - target) / 6,
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_torch_sgd_is_caffe_style_like_optax():
+  torch = pytest.importorskip("torch")
+  import optax
+  w0 = np.asarray([1.0, -2.0], np.float32)
+  grads = [np.asarray([0.5, 0.1], np.float32), np.asarray([-0.2, 0.3], np.float32)]
+  p = torch.nn.Parameter(torch.tensor(w0))
+  opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+  tx = optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.9))
+  w, state = jnp.asarray(w0), None
+  state = tx.init(w)
+  for g in grads:
+    p.grad = torch.tensor(g)
+    opt.step()
+    updates, state = tx.update(jnp.asarray(g), state, w)
+    w = optax.apply_updates(w, updates)
+  np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-6)
+
+
+def test_native_padding_keeps_the_function():
+  torch = pytest.importorskip("torch")
+  from benchmarks.torch_train import make_model, native_padding_
+  model = make_model("small_cnn", 4, widths=(4, 8)).eval()
+  x = torch.randn(2, 3, 12, 12)
+  want = model(x)
+  model = native_padding_(model)
+  assert not any(type(m).__name__ == "SameConv2d" for m in model.modules())
+  torch.testing.assert_close(model(x), want)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_report_and_json(tmp_path):
+  pytest.importorskip("torch")
+  out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+  cmd = [sys.executable, "-m", "benchmarks.run", "--models=small_cnn", "--batch=4",
+         "--small_cnn_size=16", '--model_kwargs={"widths": [8]}', "--repeats=2", "--steps=1",
+         "--min_repeats=1", "--peak_n=128", "--loss_sizes=4x3,8x5", "--loss_repeats=1",
+         "--loss_iters=50", "--pipeline_images=24", "--pipeline_batch=4",
+         "--pipeline_batches=2", "--pipeline_image_size=16", "--pipeline_consumer=small_cnn",
+         "--jpeg_size=64x48", f"--out={out}", f"--markdown={md}"]
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+
+  assert res["env"]["local_devices"] >= 1 and res["env"]["devices"]
+  assert res["env"]["torch_threads"] >= 1
+  assert res["peak"]["peak"] > 0
+
+  (train,) = res["train"]
+  assert "error" not in train, train.get("error")
+  assert (train["model"], train["image_size"], train["batch"]) == ("small_cnn", 16, 4)
+  for side in ("jax", "torch"):
+    ips = train[side]["images_per_s"]
+    assert len(ips["all"]) == 2 and ips["min"] <= ips["median"] <= ips["max"]
+    assert train[side]["mfu"] > 0
+  assert train["jax"]["params"] == train["torch"]["params"]  # the same architecture
+  assert train["jax"]["compile_s"] > 0 and train["jax"]["xla_memory"]["total"] > 0
+  assert train["ratio"] == pytest.approx(
+      train["jax"]["images_per_s"]["median"] / train["torch"]["images_per_s"]["median"])
+
+  assert [r["shape"] for r in res["loss"]] == [[4, 3], [8, 5]]
+  for r in res["loss"]:
+    for variant in ("custom_vjp", "autodiff"):
+      assert r[variant]["hlo_ops"]["total"] > 0 and r[variant]["loop_us_median"] > 0
+    assert r["max_abs_diff"] < 1e-5
+
+  assert [r["preset"] for r in res["pipeline"]] == ["paper", "ferplus"]
+  for r in res["pipeline"]:
+    assert "error" not in r, r.get("error")
+    assert r["images_per_s"] > 0 and r["ratio"] > 0
+    assert r["shapes"]["image"] == [res["env"]["local_devices"], 4 // res["env"]["local_devices"],
+                                    16, 16, 3]
+    # The train section measured this consumer (small_cnn, 16 px, batch 4) already.
+    assert r["consumer"]["measured"] == "train section"
+
+  report = md.read_text()
+  for heading in ("## Train step", "## Loss gradient alone", "## Input pipeline"):
+    assert heading in report
+  assert "| small_cnn | 16 | 4 | float32 |" in report
+  assert report.strip() in proc.stdout
