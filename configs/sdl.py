@@ -101,7 +101,8 @@ def _base() -> ml_collections.ConfigDict:
 def _synthetic(c):
   c.name = "synthetic"
   c.model = "small_cnn"
-  c.model_kwargs = ml_collections.ConfigDict({"widths": (32, 64, 128), "dropout_rate": 0.1})
+  c.model_kwargs = ml_collections.ConfigDict(
+      {"widths": (32, 64, 128), "dropout_rate": 0.1, "stem_stride": 1})
   c.image_size = 32
   c.resize_size = 36
   c.cache = True

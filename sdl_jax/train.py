@@ -368,6 +368,23 @@ def validate_config(config) -> None:
   models.get_spec(config.model)
 
 
+def quiet_library_logs() -> None:
+  """Drops orbax's and TFDS's INFO chatter (one line per file it touches) from the absl
+  log, keeping their warnings and errors, so the console shows the training progress."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  class _Filter(std_logging.Filter):
+
+    def filter(self, record):
+      noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname
+                  for lib in ("orbax", "tensorflow_datasets"))
+      return not (noisy and record.levelno < std_logging.WARNING)
+
+  handler = logging.get_absl_handler()
+  if not any(type(f).__name__ == "_Filter" for f in handler.filters):
+    handler.addFilter(_Filter())
+
+
 def _maybe_initialize_distributed(config):
   if not config.get("distributed"):
     return
@@ -418,14 +435,22 @@ def _load_data(config):
   return data.get_builder(config.data)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+                       stop_after_step: int | None = None) -> dict:
   """Trains, validates every ``eval_every_steps``, tests the best checkpoint at the end.
+
+  Args:
+    config: see ``configs/sdl.py``.
+    workdir: see the module docstring; default ``default_workdir(config)``.
+    stop_after_step: behave as if SIGTERM arrived once this step is done (checkpoint and
+      return); for time-boxed jobs and for testing preemption deterministically.
 
   Returns:
     The results dict also written to ``workdir/results.json`` (with ``interrupted: True``
     and no test metrics if a signal stopped the run).
   """
   t_start = time.time()
+  quiet_library_logs()
   _maybe_initialize_distributed(config)
   validate_config(config)
   workdir = workdir or default_workdir(config)
@@ -478,6 +503,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   interrupted = None
   with _StopRequest() as stop:
     while step < num_train_steps:
+      if stop_after_step is not None and step >= stop_after_step:
+        stop.signal = stop.signal or "stop_after_step"
       if stop.signal:
         interrupted = stop.signal
         break
@@ -548,7 +575,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   _write_json(os.path.join(workdir, "results.json"), results)
   if jax.process_index() == 0:
     report = write_report(workdir, results)
-    logging.info("results in %s:\n%s", workdir, report)
+    logging.info("results.json and report.md written to %s", workdir)
     print(report, flush=True)
   ckpts.close()
   writer.close()
