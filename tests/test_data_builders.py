@@ -147,6 +147,19 @@ def test_column_order_maps_header_names_to_the_taxonomy():
     common.column_order(header[:-1] + ["joy"], MIKELS8, "f:1")
 
 
+def test_build_log_bookkeeping_check_can_fail():
+  log = common.BuildLog()
+  log.read("train", 3)
+  log.write("train")
+  log.skip("train", "no_image", "a.jpg")
+  with pytest.raises(RuntimeError, match="bookkeeping error in split 'train'"):
+    log.check("train")
+  log.skip("train", "unreadable_image", "b.jpg")
+  log.check("train")
+  assert log.summary()["splits"]["train"]["skipped"] == {"no_image": 1,
+                                                         "unreadable_image": 1}
+
+
 # --------------------------------------------------------------------------------------
 # Images.
 
@@ -364,8 +377,12 @@ def test_ldl_split_file_with_missing_names_and_carved_validation(tmp_path):
   # ghost.jpg has no label row.
   _write(str(tr), "".join(f"{i}.jpg 1 2 3\n" for i in range(1, 23)))
   _write(str(te), "".join(f"{i}.jpg\n" for i in range(23, 29)) + "ghost.jpg\n")
-  cfg = _cfg(name="flickr_ldl", path=root, split_file={"train": str(tr), "test": str(te)})
+  # The mapping, as on a command line: --config.data.split_file=train=...,test=...
+  cfg = _cfg(name="flickr_ldl", path=root, split_file=f"train={tr},test={te}")
   b = _prepare(ldl.make_builder(cfg, str(tmp_path / "c")))
+  assert b.options["split_file"] == {"train": str(tr), "test": str(te)}
+  with pytest.raises(common.LabelFileError, match="unknown split 'tset'"):
+    ldl.make_builder(_cfg(name="flickr_ldl", path=root, split_file=f"tset={te}"), "c")
   s = common.build_summary(b)
   _check_invariant(s)
   assert s["skipped"] == {"not_in_split_file": 2}
@@ -449,11 +466,23 @@ def test_emotion6_tab_separated_with_bracketed_header(tmp_path):
       _image(os.path.join(root, "images", cat, f"{i}.jpg"), seed=c * 10 + i)
       want[name] = (p, c)
   _image(os.path.join(root, "images", "joy", "99.jpg"))  # image without a row
+  # Bad rows: neutral missing; arousal not a number.
+  lines.append("\t".join(["fear/50.jpg", "5.2", "4.1"] + ["0.2"] * 6))
+  lines.append("\t".join(["fear/51.jpg", "5.2", "n/a"] + ["0.1"] * 7))
+  _truncate(os.path.join(root, "images", "sadness", "2.jpg"))
+  del want["sadness/2.jpg"]
   _write(os.path.join(root, "ground_truth.txt"), "\n".join(lines) + "\n", "\r\n")
-  b = _prepare(ldl.make_builder(_cfg(name="emotion6", path=root), str(tmp_path / "c")))
+  with pytest.raises(common.LabelFileError, match=r"ground_truth.txt:26: expected 10 "
+                     r"columns \(name, valence, arousal, 7 probabilities\), got 9"):
+    ldl.make_builder(_cfg(name="emotion6", path=root), str(tmp_path / "c")
+                     ).download_and_prepare()
+  b = _prepare(ldl.make_builder(_cfg(name="emotion6", path=root, lenient=True),
+                                str(tmp_path / "c")))
   s = common.build_summary(b)
   _check_invariant(s)
-  assert s["written"] == 24 and s["notes"] == {"image_without_row": 1}
+  assert s["rows_read"] == 26 and s["written"] == 23
+  assert s["skipped"] == {"bad_row": 2, "unreadable_image": 1}
+  assert s["notes"] == {"image_without_row": 1}
   assert "votes" not in b.info.features
   assert b.info.features["label"].names == list(EMOTION6.names)
   got = {}
@@ -491,19 +520,25 @@ def _fi(root, per_class=4, case=str.lower):
 def test_folders_fi_layout_with_combined_strategy(tmp_path):
   root = _fi(str(tmp_path / "FI"), case=str.capitalize)
   _truncate(os.path.join(root, "Fear", "fear_0001.jpg"))
+  _image(os.path.join(root, "Awe", "more", "awe_bmp.bmp"), fmt="BMP")  # nested, BMP
   _write(os.path.join(root, "Thumbs.db"), "x")
   cfg = _cfg(name="folders", path=root, strategy="both", sigma=1.5, eps=0.2)
   b = _prepare(folders.make_builder(cfg, str(tmp_path / "c")))
   s = common.build_summary(b)
   _check_invariant(s)
-  assert s["rows_read"] == 32 and s["written"] == 31
-  assert s["skipped"] == {"unreadable_image": 1} and s["notes"] == {"non_image_file": 1}
+  assert s["rows_read"] == 33 and s["written"] == 32
+  assert s["skipped"] == {"unreadable_image": 1}
+  assert s["notes"] == {"non_image_file": 1, "reencoded": 1}
+  names = set()
   for split in common.SPLITS:
     for name, ex in _examples(b, split).items():
+      names.add(name)
+      assert ex["image"].shape == (5, 7, 3)
       label = MIKELS8.index(name.split("/")[0])
       assert ex["label"] == label and "votes" not in ex
       np.testing.assert_allclose(ex["distribution"], _reference_combined(label, 1.5, 0.2),
                                  rtol=1e-5)
+  assert "Awe/more/awe_bmp.bmp" in names and "Fear/fear_0001.jpg" not in names
 
 
 def test_folders_strategies_and_given_split_folders(tmp_path):
@@ -559,15 +594,21 @@ def test_votes_csv_header_in_any_order_and_quoted_paths(tmp_path):
     v = _ldl_votes(i)  # In taxonomy order; written in the header's order.
     rows.append(f'"{name}",' + ",".join(str(v[MIKELS8.index(e)]) for e in order))
     want[name] = v
+  rows.append("pics/neg.png,1,2,3,4,-5,6,7,8")
+  rows.append("pics/gone.png,1,2,3,4,5,6,7,8")  # no such image
   _write(os.path.join(root, "votes.csv"), "path," + ",".join(order) + "\n"
          + "\n".join(rows) + "\n")
-  b = _prepare(votes_csv.make_builder(_cfg(name="votes_csv",
+  with pytest.raises(common.LabelFileError, match=r"votes.csv:22: negative count -5"):
+    votes_csv.make_builder(_cfg(name="votes_csv", path=os.path.join(root, "votes.csv")),
+                           str(tmp_path / "c")).download_and_prepare()
+  b = _prepare(votes_csv.make_builder(_cfg(name="votes_csv", lenient=True,
                                            path=os.path.join(root, "votes.csv")),
                                       str(tmp_path / "c")))
   assert b.taxonomy is MIKELS8
   s = common.build_summary(b)
   _check_invariant(s)
-  assert s["written"] == 20
+  assert s["rows_read"] == 22 and s["written"] == 20
+  assert s["splits"]["unassigned"]["skipped"] == {"bad_row": 1, "no_image": 1}
   for split in common.SPLITS:
     for name, ex in _examples(b, split).items():
       np.testing.assert_array_equal(ex["votes"], want[name])

@@ -460,10 +460,6 @@ class BuildLog:
     }
 
 
-def _records_dir(builder) -> str:
-  return os.fspath(builder.data_path)
-
-
 def _read_record(builder, filename: str) -> str:
   from etils import epath  # pylint: disable=g-import-not-at-top
   path = epath.Path(builder.data_path) / filename
@@ -971,14 +967,22 @@ def split_options(data_config) -> dict[str, Any]:
 
   Fields of ``config.data``: ``split_seed`` (int, default 0), ``split_fractions``
   (train, validation, test; default 0.8, 0.05, 0.15), ``split_file`` (optional: a path,
-  or a mapping ``{split: path}``; see ``read_split_file``), ``lenient`` (default False).
+  a mapping ``{split: path}``, or the same as a string
+  ``'train=folds/train_1.txt,test=folds/test_1.txt'``; see ``read_split_file``),
+  ``lenient`` (default False).
   Split files enter the cache key with their size and modification time.
   """
   split_file = data_config.get("split_file", None) or None
+  if (isinstance(split_file, str) and "=" in split_file
+      and not os.path.isfile(os.path.expanduser(split_file))):
+    # Command-line form of the mapping: 'train=folds/train_1.txt,test=folds/test_1.txt'.
+    pairs = [p.partition("=") for p in split_file.split(",") if p.strip()]
+    split_file = {k.strip(): v.strip() for k, _, v in pairs}
   files: list[str] = []
   if split_file is not None:
     if hasattr(split_file, "items"):
-      split_file = {str(k): os.path.abspath(os.path.expanduser(str(v)))
+      split_file = {canonical_split(str(k), "config.data.split_file"):
+                    os.path.abspath(os.path.expanduser(str(v)))
                     for k, v in split_file.items() if v}
       files = list(split_file.values())
     else:
