@@ -642,6 +642,12 @@ def test_votes_list_files_per_split_with_taxonomy_and_grey(tmp_path):
   v = want["val/1.jpg"]
   np.testing.assert_allclose(ex["distribution"], v / v.sum(), rtol=1e-6)
   assert ex["label"] == 6  # neutral has the most votes
+  # A name in two split files is a duplicate.
+  with open(os.path.join(root, "test.txt"), "a") as f:
+    f.write("train/0.jpg 1 1 1 1 1 1 1\n")
+  with pytest.raises(common.LabelFileError, match=r"test.txt:4: duplicate image "
+                     r"'train/0.jpg' \(also at .*train.txt:1\)"):
+    votes_csv.make_builder(cfg, str(tmp_path / "c")).download_and_prepare()
 
 
 def test_votes_csv_custom_taxonomy_from_header(tmp_path):
