@@ -76,6 +76,10 @@ def _base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.best_metric = "kl"       # a key of sdl_jax.metrics.HIGHER_IS_BETTER
   c.distributed = False      # call jax.distributed.initialize() (several hosts)
+  # Passed to jax.distributed.initialize when set; on Cloud TPU and SLURM it finds them.
+  c.coordinator_address = config_dict.placeholder(str)
+  c.num_processes = config_dict.placeholder(int)
+  c.process_id = config_dict.placeholder(int)
 
   # Data.
   d = c.data = ml_collections.ConfigDict()
@@ -92,8 +96,8 @@ def _base() -> ml_collections.ConfigDict:
   d.split_seed = 0           # sets without an official split: 80/5/15 by this seed
   d.split_file = config_dict.placeholder(str)
   d.strategy = "combined"    # single-label sets: implication | exclusion | combined
-  d.sigma = 1.0
-  d.eps = 0.0
+  d.sigma = 1.0              # = sdl_jax.distributions.DEFAULT_SIGMA
+  d.eps = 0.1                # = sdl_jax.distributions.DEFAULT_EPS
   d.lenient = False          # skip unreadable images (with a count) instead of failing
   return c
 
@@ -102,11 +106,11 @@ def _synthetic(c):
   c.name = "synthetic"
   c.model = "small_cnn"
   c.model_kwargs = ml_collections.ConfigDict(
-      {"widths": (32, 64, 128), "dropout_rate": 0.1, "stem_stride": 1})
+      {"widths": (32, 64, 128), "dropout_rate": 0.1, "stem_stride": 2})
   c.image_size = 32
   c.resize_size = 36
   c.cache = True
-  c.num_epochs = 6.0
+  c.num_epochs = 8.0
   c.learning_rate = 0.05
   c.weight_decay = 5e-4
   c.schedule = "cosine"

@@ -423,9 +423,32 @@ def _duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def replicate(tree, devices=None):
+  """Copies every leaf onto each of ``devices`` (default: the local devices), stacked on a
+  new leading axis, as ``jax.pmap`` expects."""
+  return jax_utils.replicate(tree, devices=devices)
+
+
+def unreplicate(tree):
+  """The first replica of each leaf of a replicated (pmap) tree.
+
+  Reads one device's shard rather than indexing ``x[0]`` (no gather across devices).
+  Unlike ``flax.jax_utils.unreplicate`` it also drops the leading axis of a tree
+  replicated over a single device of a multi-device host.
+  """
+
+  def one(x):
+    if isinstance(x, jax.Array) and x.ndim >= 1 and x.addressable_shards:
+      shard = x.addressable_shards[0].data
+      return shard[0] if shard.ndim == x.ndim else shard
+    return x[0]
+
+  return jax.tree_util.tree_map(one, tree)
+
+
 def _host(state):
   """Unreplicated host copy of a replicated state (for checkpoints)."""
-  return jax.device_get(jax_utils.unreplicate(state))
+  return jax.device_get(unreplicate(state))
 
 
 def _load_data(config):
@@ -492,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   p_train_step, p_eval_step = make_pmapped_steps(config)
   val_ds, _, _ = pipeline.eval_dataset(builder, config, "validation")
   prefetch = int(config.get("prefetch_to_device", 2))
-  state = jax_utils.replicate(state)
+  state = replicate(state)
   train_iter = pipeline.prefetch_to_device(pipeline.as_numpy(train_ds), prefetch)
 
   logging.info("training %s on %s: %d steps (%d per epoch), global batch %d over %d "
@@ -555,7 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   host_template = _host(state)
   best_step = ckpts.best_step()
   if best_step is not None and best_step != step:
-    best_state = jax_utils.replicate(ckpts.restore(host_template, "best"))
+    best_state = replicate(ckpts.restore(host_template, "best"))
     best_test = evaluate(p_eval_step, best_state, test_ds, prefetch)
   else:
     best_step, best_test = step, last_test

@@ -1,0 +1,99 @@
+"""configs/sdl.py: every preset parses through config_flags, overrides work, clear errors."""
+
+from pathlib import Path
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from sdl_jax import metrics
+from sdl_jax import models
+from sdl_jax import train
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sdl.py")
+
+
+def _parse(*argv):
+  """Parses argv as run.py does (config_flags reads the overrides from sys.argv)."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True)
+  old = sys.argv
+  sys.argv = ["prog", *argv]
+  try:
+    fv(sys.argv)
+  finally:
+    sys.argv = old
+  return fv.config
+
+
+def _presets():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("sdl_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.PRESETS
+
+
+@pytest.mark.parametrize("preset", _presets())
+def test_every_preset_parses(preset):
+  c = _parse(f"--config={CONFIG}:{preset}")
+  assert c.batch_size % 1 == 0 and c.batch_size > 0
+  assert c.best_metric in metrics.HIGHER_IS_BETTER
+  assert c.resize_size >= c.image_size
+  assert c.schedule in ("step", "cosine", "constant")
+  assert c.data.name in ("synthetic", "ferplus", "emotion6", "flickr_ldl", "twitter_ldl",
+                         "folders", "votes_csv")
+  if c.data.name != "synthetic":
+    assert c.data.path is None  # real data sets need the flag
+
+
+def test_default_is_synthetic_small_cnn():
+  c = _parse(f"--config={CONFIG}")
+  assert c.name == "synthetic" and c.data.name == "synthetic"
+  assert c.model in models.MODEL_SPECS and c.pretrained is None
+  assert c.batch_size == 32 and c.lam == 0.8 and c.momentum == 0.9
+  train.validate_config(c)
+
+
+def test_paper_preset_is_the_released_recipe():
+  c = _parse(f"--config={CONFIG}:paper")
+  assert (c.model, c.pretrained, c.learning_rate, c.momentum, c.weight_decay) == (
+      "vgg16", "vgg16", 1e-4, 0.9, 5e-3)
+  assert (c.head_lr_mult, c.batch_size, c.image_size, c.crop, c.flip) == (
+      10.0, 32, 224, "random", True)
+  assert c.schedule == "step" and c.model_kwargs.dropout_rate == 0.5
+
+
+def test_overrides_from_the_command_line():
+  c = _parse(f"--config={CONFIG}", "--config.lam=0.5", "--config.data.num_examples=2000",
+             "--config.pretrained=vgg16", "--config.model_kwargs.widths=(8,16)",
+             "--config.num_train_steps=7", "--config.schedule=constant")
+  assert c.lam == 0.5 and c.data.num_examples == 2000 and c.pretrained == "vgg16"
+  assert tuple(c.model_kwargs.widths) == (8, 16) and c.num_train_steps == 7
+  c = _parse(f"--config={CONFIG}:emotion6", "--config.data.path=/some/where")
+  assert c.data.path == "/some/where"
+
+
+def test_unknown_field_and_preset_are_errors():
+  with pytest.raises(Exception, match="no_such_field"):
+    _parse(f"--config={CONFIG}", "--config.no_such_field=1")
+  with pytest.raises(Exception, match="unknown preset"):
+    _parse(f"--config={CONFIG}:nope")
+
+
+@pytest.mark.parametrize("preset", ["emotion6", "flickr_ldl", "twitter_ldl", "fi", "ferplus",
+                                    "paper"])
+def test_real_data_presets_need_a_path(preset):
+  c = _parse(f"--config={CONFIG}:{preset}")
+  with pytest.raises(ValueError, match=r"--config\.data\.path"):
+    train.validate_config(c)
+
+
+def test_bad_values_are_named():
+  c = _parse(f"--config={CONFIG}", "--config.best_metric=f1")
+  with pytest.raises(ValueError, match="config.best_metric"):
+    train.validate_config(c)
+  c = _parse(f"--config={CONFIG}", "--config.lam=1.5")
+  with pytest.raises(ValueError, match="config.lam"):
+    train.validate_config(c)

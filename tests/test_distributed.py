@@ -1,0 +1,160 @@
+"""Data parallelism: 1 vs 4 CPU devices, and 2 processes with jax.distributed on localhost.
+
+Each case runs in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count``.
+The step-equivalence tests use a model without BatchNorm or dropout (registered by the
+worker): per-device BatchNorm statistics and per-device dropout keys legitimately depend
+on how the global batch is split, everything else must not. Tolerance: float32 sums in
+another order, ``rtol=2e-5, atol=2e-6`` on every parameter after 3 steps.
+"""
+
+import os
+from pathlib import Path
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL, ATOL = 2e-5, 2e-6
+STEPS, GLOBAL_BATCH = 3, 16
+
+WORKER = r'''
+import sys
+mode, out = sys.argv[1], sys.argv[2]
+import jax
+if mode == "dist":
+  pid, port = int(sys.argv[3]), sys.argv[4]
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=pid)
+from typing import Any
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+sys.path.insert(0, sys.argv[-1])
+from configs import sdl as sdl_config
+from sdl_jax import models, train
+
+
+class TinyNet(nn.Module):
+  """Conv-ReLU-pool-Dense: no BatchNorm, no dropout."""
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Conv(8, (3, 3), dtype=self.dtype)(x))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x.mean((1, 2)))
+
+
+models.MODEL_SPECS["tiny_test"] = models.ModelSpec("__main__:TinyNet", 12, (127.5,) * 3,
+                                                   (127.5,) * 3)
+c = sdl_config.get_config()
+c.model = "tiny_test"
+c.model_kwargs = ml_collections.ConfigDict()
+c.schedule, c.learning_rate, c.weight_decay = "constant", 0.1, 0.01
+c.batch_size = GLOBAL_BATCH = %(batch)d
+model = train.create_model(c, 8)
+lr_fn = train.create_learning_rate_fn(c, 10, 100)
+state0 = train.create_train_state(jax.random.key(0), c, model, 12, lr_fn)
+rng = np.random.default_rng(0)
+batches = [{"image": rng.normal(size=(GLOBAL_BATCH, 12, 12, 3)).astype(np.float32),
+            "label": rng.integers(0, 8, GLOBAL_BATCH).astype(np.int32),
+            "distribution": rng.dirichlet(np.ones(8), GLOBAL_BATCH).astype(np.float32),
+            "mask": np.ones(GLOBAL_BATCH, np.float32)} for _ in range(%(steps)d)]
+
+
+def run(rows, devices):
+  """Trains on rows of each global batch, split over ``devices``; returns flat params."""
+  p_train, _ = train.make_pmapped_steps(c)
+  state = train.replicate(state0, devices=devices)
+  n = len(devices)
+  for b in batches:
+    local = {k: v[rows].reshape((n, -1) + v.shape[1:]) for k, v in b.items()}
+    state, sums = p_train(state, local)
+  assert float(sums["count"][0]) == GLOBAL_BATCH  # psum covers the global batch
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(train.unreplicate(state).params))[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+everything = np.arange(GLOBAL_BATCH)
+if mode == "local":
+  result = {}
+  for n in (1, 2, 4):
+    for k, v in run(everything, jax.local_devices()[:n]).items():
+      result[f"{n}{k}"] = v
+  np.savez(out, **result)
+else:
+  half = GLOBAL_BATCH // 2
+  rows = everything[pid * half:(pid + 1) * half]  # each process feeds its own shard
+  params = run(rows, jax.local_devices())
+  np.savez(out, **{f"dist{k}": v for k, v in params.items()})
+  jax.distributed.shutdown()
+''' % {"batch": GLOBAL_BATCH, "steps": STEPS}
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["CUDA_VISIBLE_DEVICES"] = ""
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def _split(npz, prefix):
+  return {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("dp") / "local.npz"
+  r = subprocess.run([sys.executable, "-c", WORKER, "local", str(out), str(REPO)],
+                     env=_env(4), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  npz = np.load(out)
+  return {n: _split(npz, str(n)) for n in (1, 2, 4)}
+
+
+def _assert_same(a, b):
+  assert a.keys() == b.keys() and a
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+@pytest.mark.slow
+def test_pmap_over_4_devices_matches_1_device(local_runs):
+  _assert_same(local_runs[4], local_runs[1])
+  _assert_same(local_runs[2], local_runs[1])
+  # And training did move the parameters (the comparison is not vacuous).
+  assert any(np.abs(v).sum() > 0 for v in local_runs[1].values())
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_match_one_process(local_runs, tmp_path):
+  port = str(_free_port())
+  outs = [tmp_path / f"p{i}.npz" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, "dist", str(outs[i]), str(i), port,
+                             str(REPO)], env=_env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, err[-4000:]
+  p0, p1 = (_split(np.load(o), "dist") for o in outs)
+  _assert_same(p0, p1)
+  # Per-device batch 4 on 2 x 2 devices vs the whole global batch of 16 on one device.
+  _assert_same(p0, local_runs[1])
