@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,6 +42,15 @@ _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 MODEL_SPECS: dict[str, ModelSpec] = {
     "small_cnn": ModelSpec("sdl_jax.models.small_cnn:SmallCNN", 64,
                            (127.5,) * 3, (127.5,) * 3),
+    "vgg16": ModelSpec("sdl_jax.models.vgg:VGG16", 224, _IMAGENET_MEAN, _IMAGENET_STD),
+    "resnet50": ModelSpec("sdl_jax.models.resnet:ResNet50", 224,
+                          _IMAGENET_MEAN, _IMAGENET_STD),
+    "efficientnet_lite0": ModelSpec("sdl_jax.models.efficientnet_lite:EfficientNetLite0", 224,
+                                    (127.0,) * 3, (128.0,) * 3),
+    "efficientnet_lite1": ModelSpec("sdl_jax.models.efficientnet_lite:EfficientNetLite1", 240,
+                                    (127.0,) * 3, (128.0,) * 3),
+    "efficientnet_lite2": ModelSpec("sdl_jax.models.efficientnet_lite:EfficientNetLite2", 260,
+                                    (127.0,) * 3, (128.0,) * 3),
 }
 
 
@@ -73,3 +83,10 @@ def preprocess(name: str, images):
   mean = np.asarray(spec.mean, np.float32)
   std = np.asarray(spec.std, np.float32)
   return (jnp.asarray(images, jnp.float32) - mean) / std
+
+
+def count_params(variables) -> int:
+  """Number of scalars in the ``params`` collection of ``variables`` (or in ``variables``
+  itself when it has no ``params`` key); BatchNorm statistics are not parameters."""
+  tree = variables["params"] if "params" in variables else variables
+  return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))

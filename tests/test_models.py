@@ -1,0 +1,227 @@
+"""Backbones: each flax model equals a PyTorch reference on the same random weights and
+inputs (eval-mode BatchNorm, max abs difference <= 1e-4 in float32), and the model API
+(shapes, dtypes, the ``head`` group, parameter and MAC counts)."""
+
+import importlib.util
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdl_jax import models, weights
+from sdl_jax.models import table
+from sdl_jax.models.efficientnet_lite import block_configs, round_filters
+from sdl_jax.models.resnet import max_pool_3x3_s2
+from sdl_jax.models.vgg import adaptive_avg_pool
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+requires_torch = pytest.mark.skipif(
+    not HAS_TORCH, reason="torch is not installed (pip install 'sdl-jax[torch]')")
+if HAS_TORCH:
+  import torch
+  from torch_reference import make_torch_model, randomize_
+
+NAMES = ["small_cnn", "vgg16", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
+         "efficientnet_lite2"]
+TOL = 1e-4
+
+
+def _compare_with_torch(name, size, batch=2, num_classes=10, seed=0, **kwargs):
+  """Max |flax - torch| of the logits, with the torch model's weights converted."""
+  torch.manual_seed(seed)
+  tm = randomize_(make_torch_model(name, num_classes, **kwargs), seed).eval()
+  variables = weights.convert_state_dict(tm.state_dict(), name)
+  x = np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  model = models.get_model(name, num_classes, **kwargs)
+  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert got.dtype == jnp.float32 and got.shape == (batch, num_classes)
+  # Outputs that vary across classes and images, so that a small difference means something.
+  assert np.std(want) > 1e-3
+  diff = float(np.max(np.abs(np.asarray(got) - want)))
+  print(f"{name} {size}x{size} {kwargs or ''}: max|flax - torch| = {diff:.2e} "
+        f"(max|logit| {np.max(np.abs(want)):.3f})")
+  # Also relative to the logits' scale, which is small with PyTorch's default init.
+  assert diff <= TOL * np.max(np.abs(want))
+  return diff
+
+
+# Fast cases test the real layouts and converters at reduced width/depth or input size;
+# the full-size networks follow, marked slow.
+@requires_torch
+@pytest.mark.parametrize("name,size,kwargs", [
+    ("small_cnn", 32, {}),
+    ("small_cnn", 33, dict(stem_stride=2, widths=(8, 16))),  # TF-style asymmetric padding
+    ("vgg16", 32, dict(widths=(8, 8, 16, 16, 16), fc_width=32)),
+    ("vgg16", 80, dict(widths=(8, 8, 16, 16, 16), fc_width=32)),  # 2x2 map pooled to 7x7
+    ("resnet50", 33, dict(stage_sizes=(1, 1, 1, 1))),
+])
+def test_equals_torch_reference_small(name, size, kwargs):
+  assert _compare_with_torch(name, size, **kwargs) <= TOL
+
+
+@requires_torch
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [
+    ("vgg16", 32),
+    ("resnet50", 64),
+    ("efficientnet_lite0", 64),
+    ("efficientnet_lite1", 65),  # odd sizes: TF "SAME" pads bottom/right more
+    ("efficientnet_lite2", 67),
+])
+def test_equals_torch_reference_full(name, size):
+  assert _compare_with_torch(name, size, batch=1 if name == "vgg16" else 2) <= TOL
+
+
+def _abstract_variables(model, size, batch=2):
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           jnp.zeros((batch, size, size, 3)), train=False))
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "vgg16", "resnet50", "efficientnet_lite2"])
+def test_bfloat16_compute_float32_params_and_logits(name):
+  model = models.get_model(name, 7, dtype=jnp.bfloat16)
+  size = models.get_spec(name).input_size
+  variables = _abstract_variables(model, size)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(variables)} == {jnp.dtype("float32")}
+  head = variables["params"][models.get_spec(name).head]
+  assert head["kernel"].shape[-1] == 7 and head["bias"].shape == (7,)
+
+  def train_step(v, x):
+    return model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
+                       mutable=["batch_stats"])
+
+  logits, updates = jax.eval_shape(train_step, variables,
+                                   jax.ShapeDtypeStruct((2, size, size, 3), jnp.bfloat16))
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+  assert set(updates) == ({"batch_stats"} if "batch_stats" in variables else set())
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("vgg16", 138_357_544),        # torchvision's documented counts
+    ("resnet50", 25_557_032),
+])
+def test_count_params_matches_published(name, expected):
+  model = models.get_model(name, 1000)
+  assert models.count_params(_abstract_variables(model, 224, batch=1)) == expected
+
+
+@requires_torch
+@pytest.mark.parametrize("name", ["small_cnn", "resnet50", "efficientnet_lite0",
+                                  "efficientnet_lite1", "efficientnet_lite2"])
+def test_count_params_matches_torch(name):
+  tm = make_torch_model(name, 1000)
+  model = models.get_model(name, 1000)
+  size = models.get_spec(name).input_size
+  want = sum(p.numel() for p in tm.parameters())
+  assert models.count_params(_abstract_variables(model, size, batch=1)) == want
+
+
+def test_count_params_ignores_batch_stats():
+  v = {"params": {"a": jnp.zeros((2, 3)), "b": {"c": jnp.zeros(4)}},
+       "batch_stats": {"m": jnp.zeros(100)}}
+  assert models.count_params(v) == 10
+  assert models.count_params(v["params"]) == 10
+
+
+def test_specs_of_pretrained_backbones():
+  for name, size in [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                     ("efficientnet_lite2", 260), ("vgg16", 224), ("resnet50", 224)]:
+    spec = models.get_spec(name)
+    assert spec.input_size == size and spec.head == "head"
+  x = models.preprocess("efficientnet_lite0", np.array([[[0, 127, 255]]], np.uint8))
+  np.testing.assert_allclose(x, [[[-127 / 128, 0.0, 1.0]]])
+  x = models.preprocess("resnet50", np.full((1, 1, 3), 255.0))
+  np.testing.assert_allclose(x, [[[(1 - 0.485) / 0.229, (1 - 0.456) / 0.224,
+                                   (1 - 0.406) / 0.225]]], rtol=1e-6)
+
+
+def test_vgg_dropout_only_in_training():
+  model = models.get_model("vgg16", 3, widths=(4, 4, 4, 4, 4), fc_width=64)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  # Random values in the init's shapes: compiling flax's truncated-normal init costs
+  # seconds per layer on XLA:CPU.
+  rng = np.random.default_rng(1)
+  v = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, s.dtype),
+                             _abstract_variables(model, 32))
+  apply = jax.jit(lambda v, x, key, train: model.apply(v, x, train=train,
+                                                       rngs={"dropout": key}),
+                  static_argnums=3)
+  a = apply(v, x, jax.random.PRNGKey(1), False)
+  np.testing.assert_array_equal(a, apply(v, x, jax.random.PRNGKey(2), False))
+  b = apply(v, x, jax.random.PRNGKey(1), True)
+  c = apply(v, x, jax.random.PRNGKey(2), True)
+  assert not np.allclose(b, c) and not np.allclose(a, b)
+
+
+def test_vgg_rejects_too_small_images():
+  model = models.get_model("vgg16", 3)
+  with pytest.raises(ValueError, match="H, W >= 32"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 40, 3))))
+
+
+def _adaptive_avg_pool_reference(x, size):
+  """Loops over PyTorch's window definition."""
+  n, h, w, c = x.shape
+  out = np.zeros((n, size, size, c), np.float64)
+  for i in range(size):
+    h0, h1 = (i * h) // size, -(-((i + 1) * h) // size)
+    for j in range(size):
+      w0, w1 = (j * w) // size, -(-((j + 1) * w) // size)
+      out[:, i, j] = x[:, h0:h1, w0:w1].mean(axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize("h,w", [(7, 7), (1, 1), (2, 3), (10, 9), (14, 14), (15, 20)])
+def test_adaptive_avg_pool_equals_reference(h, w):
+  x = np.random.default_rng(h * w).normal(size=(2, h, w, 3)).astype(np.float32)
+  np.testing.assert_allclose(adaptive_avg_pool(jnp.asarray(x), 7),
+                             _adaptive_avg_pool_reference(x, 7), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (1, 1, 2, 1)])
+def test_max_pool_3x3_s2_equals_flax_max_pool(shape):
+  x = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(jax.jit(max_pool_3x3_s2)(x), jax.jit(ref)(x))
+  g = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x) ** 2)))(x)
+  g_ref = jax.jit(jax.grad(lambda x: jnp.sum(ref(x) ** 2)))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+def test_efficientnet_lite_block_configs():
+  # Widths rounded to multiples of 8 (TF's rule), e.g. 1.1 * 112 = 123.2 -> 120.
+  assert [round_filters(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == \
+      [16, 24, 48, 88, 120, 208, 352]
+  for width, depth, n in [(1.0, 1.0, 16), (1.0, 1.1, 21), (1.1, 1.2, 21)]:
+    blocks = block_configs(width, depth)
+    assert len(blocks) == n
+    assert blocks[0] == (3, 1, 1, 32, 16)  # fixed stem feeds the first block
+    for (_, _, _, _, cout), (_, _, _, cin, _) in zip(blocks, blocks[1:]):
+      assert cin == cout
+    assert sum(s == 2 for _, s, _, _, _ in blocks) == 4  # 224 -> 7 with the stem
+
+
+def test_count_macs_small_cnn_by_hand():
+  widths, size, classes = (8, 16), 16, 5
+  model = models.get_model("small_cnn", classes, widths=widths)
+  want, cin, s = 0, 3, size
+  for w in widths:
+    want += s * s * 9 * cin * w + s * s * 9 * w * w
+    cin, s = w, s // 2
+  want += cin * classes
+  assert table.count_macs(model, (1, size, size, 3), train=False) == want
+  assert table.count_macs(model, (3, size, size, 3), train=False) == 3 * want
+
+
+def test_table_row_and_markdown():
+  rows = table.backbone_rows(["small_cnn"], num_classes=8)
+  assert rows[0]["name"] == "small_cnn" and rows[0]["input_size"] == 64
+  assert rows[0]["params"] == models.count_params(
+      _abstract_variables(models.get_model("small_cnn", 8), 64))
+  # XLA counts 2 FLOPs per multiply-add (minus products with padding) plus elementwise work.
+  assert 1.5 * rows[0]["gmacs"] < rows[0]["gflops"] < 3 * rows[0]["gmacs"]
+  assert "| small_cnn | 64 |" in table.markdown(rows)
