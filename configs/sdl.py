@@ -18,7 +18,8 @@ Presets:
   needs ``--config.data.path`` (the folder holding ``FER2013Train`` etc.).
 * ``paper``: the authors' released Caffe recipe on Flickr_LDL: ImageNet VGG-16 with a new
   10x-rate head, base lr 1e-4, momentum 0.9, weight decay 5e-3, dropout 0.5, step decay,
-  squash-resize to 256 then random 224 crop + mirror, batch 32.
+  squash-resize to 256 then random 224 crop + mirror, batch 32. The ImageNet weights are
+  a file you supply: ``--config.pretrained=/path/to/vgg16.pth`` (torchvision layout).
 """
 
 from __future__ import annotations
@@ -127,7 +128,11 @@ def _paper(c, data_name="flickr_ldl"):
   c.name = "paper" if data_name == "flickr_ldl" else data_name
   c.data.name = data_name
   c.model = "vgg16"
-  c.pretrained = "vgg16"
+  # ImageNet VGG-16 weights are not shipped with any package: point this at a
+  # torchvision-layout state dict (vgg16-397923af.pth), e.g.
+  # --config.pretrained=/path/to/vgg16.pth. Without it VGG-16 trains from scratch
+  # (with a warning).
+  c.pretrained = config_dict.placeholder(str)
   c.model_kwargs = ml_collections.ConfigDict({"dropout_rate": 0.5})
   c.image_size = 224
   c.resize_size = 256

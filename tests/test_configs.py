@@ -58,8 +58,9 @@ def test_default_is_synthetic_small_cnn():
 
 def test_paper_preset_is_the_released_recipe():
   c = _parse(f"--config={CONFIG}:paper")
-  assert (c.model, c.pretrained, c.learning_rate, c.momentum, c.weight_decay) == (
-      "vgg16", "vgg16", 1e-4, 0.9, 5e-3)
+  assert (c.model, c.learning_rate, c.momentum, c.weight_decay) == (
+      "vgg16", 1e-4, 0.9, 5e-3)
+  assert c.pretrained is None  # a file the user supplies: --config.pretrained=...
   assert (c.head_lr_mult, c.batch_size, c.image_size, c.crop, c.flip) == (
       10.0, 32, 224, "random", True)
   assert c.schedule == "step" and c.model_kwargs.dropout_rate == 0.5

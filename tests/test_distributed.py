@@ -59,7 +59,7 @@ c.schedule, c.learning_rate, c.weight_decay = "constant", 0.1, 0.01
 c.batch_size = GLOBAL_BATCH = %(batch)d
 model = train.create_model(c, 8)
 lr_fn = train.create_learning_rate_fn(c, 10, 100)
-state0 = train.create_train_state(jax.random.key(0), c, model, 12, lr_fn)
+state0 = train.create_train_state(train.prng_key(0), c, model, 12, lr_fn)
 rng = np.random.default_rng(0)
 batches = [{"image": rng.normal(size=(GLOBAL_BATCH, 12, 12, 3)).astype(np.float32),
             "label": rng.integers(0, 8, GLOBAL_BATCH).astype(np.int32),

@@ -57,7 +57,7 @@ def test_schedules_match_their_formulas():
 
 def test_param_labels_of_small_cnn():
   model = train.create_model(sdl_config.get_config(), 8)
-  params, batch_stats = train.initialized(jax.random.key(0), 16, model)
+  params, batch_stats = train.initialized(train.prng_key(0), 16, model)
   assert batch_stats  # small_cnn has BatchNorm
   labels = flax.traverse_util.flatten_dict(optim.param_labels(params, "head"), sep="/")
   assert labels["head/kernel"] == "head_weight" and labels["head/bias"] == "head_bias"
@@ -105,7 +105,7 @@ def test_train_step_matches_plain_autodiff_and_sgd():
   c.weight_decay = 0.01
   model = train.create_model(c, 8)
   lr_fn = lambda t: 0.05
-  state = train.create_train_state(jax.random.key(1), c, model, 16, lr_fn)
+  state = train.create_train_state(train.prng_key(1), c, model, 16, lr_fn)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(6, 16, 16, 3)).astype(np.float32),
            "label": rng.integers(0, 8, 6).astype(np.int32),
@@ -117,7 +117,7 @@ def test_train_step_matches_plain_autodiff_and_sgd():
                            batch["image"], train=True, mutable=["batch_stats"])
     return losses.sdl_loss_reference(out, batch["label"], batch["distribution"], 0.8), upd
 
-  (ref_loss, upd), g = jax.value_and_grad(loss, has_aux=True)(state.params)
+  (ref_loss, upd), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params)
   want = jax.tree_util.tree_map(
       lambda w, gw, lab: w - 0.05 * (gw + (0.01 * w if lab.endswith("weight") else 0)),
       state.params, g, optim.param_labels(state.params, "head"))
@@ -133,6 +133,44 @@ def test_train_step_matches_plain_autodiff_and_sgd():
   assert int(got.step) == 1
   np.testing.assert_allclose(float(sums["loss"][0]) / 6, float(ref_loss), rtol=1e-5)
   assert float(sums["count"][0]) == 6
+
+
+def test_pretrained_body_is_loaded_and_the_head_is_new(tmp_path):
+  c = sdl_config.get_config()
+  c.model_kwargs.widths = (4, 8)
+  # "Pretrained" weights: the same body trained elsewhere, with a 5-way head.
+  other = train.create_model(c, 5)
+  p5, bs5 = train.initialized(train.prng_key(7), 16, other)
+  path = tmp_path / "pretrained.msgpack"
+  path.write_bytes(flax.serialization.msgpack_serialize(
+      {"params": jax.device_get(p5), "batch_stats": jax.device_get(bs5)}))
+  c.pretrained = str(path)
+  model = train.create_model(c, 8)
+  state = train.create_train_state(train.prng_key(0), c, model, 16, lambda t: 0.1)
+  fresh, _ = train.initialized(train.prng_key(0), 16, model)
+  np.testing.assert_array_equal(state.params["conv0_0"]["kernel"], p5["conv0_0"]["kernel"])
+  np.testing.assert_array_equal(state.batch_stats["bn1_1"]["mean"], bs5["bn1_1"]["mean"])
+  assert state.params["head"]["kernel"].shape == (8, 8)
+  np.testing.assert_array_equal(state.params["head"]["kernel"], fresh["head"]["kernel"])
+
+
+def test_bfloat16_train_step_runs_and_keeps_float32_params():
+  c = sdl_config.get_config()
+  c.model_kwargs.widths = (4, 8)
+  c.dtype = "bfloat16"
+  model = train.create_model(c, 8)
+  state = train.create_train_state(train.prng_key(1), c, model, 16, lambda t: 0.05)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(1, 4, 16, 16, 3)).astype(np.float32),
+           "label": rng.integers(0, 8, (1, 4)).astype(np.int32),
+           "distribution": rng.dirichlet(np.ones(8), (1, 4)).astype(np.float32),
+           "mask": np.ones((1, 4), np.float32)}
+  p_train, p_eval = train.make_pmapped_steps(c)
+  new, sums = p_train(train.replicate(state), batch)
+  assert np.isfinite(float(sums["loss"][0]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new.params))
+  ev = p_eval(new, batch)
+  assert float(ev["count"][0]) == 4 and np.isfinite(float(ev["kl"][0]))
 
 
 # ----------------------------------------------------------------------------------------
