@@ -302,10 +302,18 @@ class _MetricWriter:
     if not self.active:
       return
     self.path = os.path.join(workdir, "metrics.jsonl")
-    # A resumed run re-does the steps after its checkpoint: drop their old lines.
+    # A resumed run re-does the steps after its checkpoint, and tests again at the end:
+    # drop the old lines of those.
     if os.path.exists(self.path):
+      rows = []
       with open(self.path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+        for line in f:
+          try:
+            rows.append(json.loads(line))
+          except ValueError:
+            pass  # Blank, or half a line from a process killed while writing it.
+      kept = [json.dumps(r) + "\n" for r in rows
+              if r.get("step", 0) <= resume_step and r.get("split") != "test"]
       with open(self.path, "w") as f:
         f.writelines(kept)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -503,9 +511,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   builder = _load_data(config)
   num_classes = builder.info.features["label"].num_classes
   class_names = list(builder.info.features["label"].names)
-  train_ds_probe = pipeline.per_process_batch(  # Fails early with a clear message.
-      config.batch_size, jax.process_count(), jax.local_device_count())
-  del train_ds_probe
+  # Fails early, with a message naming the flag, if the batch does not divide.
+  pipeline.per_process_batch(config.batch_size, jax.process_count(), jax.local_device_count())
 
   model = create_model(config, num_classes)
   ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints, config.best_metric,
@@ -543,6 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                steps_per_epoch, config.batch_size, jax.device_count())
   step = start_step
   pending, last_log_step, last_log_time = [], step, time.time()
+  input_wait = 0.0  # seconds the loop spent blocked on the input pipeline since the last log
   interrupted = None
   with _StopRequest() as stop:
     while step < num_train_steps:
@@ -551,7 +559,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       if stop.signal:
         interrupted = stop.signal
         break
-      state, sums = p_train_step(state, next(train_iter))
+      t_wait = time.perf_counter()
+      batch = next(train_iter)
+      input_wait += time.perf_counter() - t_wait
+      state, sums = p_train_step(state, batch)
       pending.append(sums)
       step += 1
       if step % config.log_every_steps == 0 or step == num_train_steps:
@@ -560,12 +571,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         values = metrics_lib.finalize(total)
         now = time.time()
         rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        values.update(steps_per_second=rate, learning_rate=float(lr_fn(step - 1)))
+        values.update(steps_per_second=rate, learning_rate=float(lr_fn(step - 1)),
+                      input_wait_fraction=input_wait / max(now - last_log_time, 1e-9))
         writer.write(step, "train", values)
-        logging.info("step %d/%d  loss %.4f  acc %.3f  kl %.4f  |  %.2f steps/s  |  ETA %s",
-                     step, num_train_steps, values["loss"], values["accuracy"],
-                     values["kl"], rate, _duration((num_train_steps - step) / rate))
-        pending, last_log_step, last_log_time = [], step, now
+        logging.info("step %d/%d  loss %.4f  acc %.3f  kl %.4f  |  %.2f steps/s  "
+                     "(input wait %.0f%%)  |  ETA %s", step, num_train_steps, values["loss"],
+                     values["accuracy"], values["kl"], rate,
+                     100 * values["input_wait_fraction"],
+                     _duration((num_train_steps - step) / rate))
+        pending, last_log_step, last_log_time, input_wait = [], step, now, 0.0
       is_eval = step % config.eval_every_steps == 0 or step == num_train_steps
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == num_train_steps
       if is_eval or is_ckpt:
@@ -574,9 +588,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         val = evaluate(p_eval_step, state, val_ds, prefetch)
         writer.write(step, "validation", val)
         improved = ckpts.save_best_if_improved(step, _host(state), val)
-        logging.info("validation at step %d: acc %.4f  kl %.4f  %s %.4f%s", step,
-                     val["accuracy"], val["kl"], config.best_metric,
-                     val[config.best_metric], "  (best so far)" if improved else "")
+        extra = ("" if config.best_metric in ("accuracy", "kl") else
+                 f"  {config.best_metric} {val[config.best_metric]:.4f}")
+        logging.info("validation at step %d: acc %.4f  kl %.4f%s%s", step, val["accuracy"],
+                     val["kl"], extra,
+                     f"  (best {config.best_metric} so far)" if improved else "")
       if is_ckpt:
         ckpts.save(step, _host(state))
   if interrupted:
