@@ -83,18 +83,20 @@ def config_for_workdir(workdir: str, given=None):
   """The config to evaluate ``workdir`` with: the one saved by training, so the model is
   the one in the checkpoint. From a ``given`` config (``--config`` on the command line)
   only where the data set lives is taken (``data.path``, ``data.cache_dir``, when set),
-  e.g. to evaluate on another machine; other differences are logged and ignored."""
+  e.g. to evaluate on another machine, and the FER+ ``data.protocol`` (to measure a model
+  trained on one protocol's images on the other's); other differences are logged and
+  ignored."""
   saved = load_config(workdir)
   if given is None:
     return saved
   given_flat = _flatten(json.loads(given.to_json_best_effort()))
   saved_flat = _flatten(json.loads(saved.to_json_best_effort()))
   with saved.unlocked():
-    for key in ("path", "cache_dir"):
+    for key in ("path", "cache_dir", "protocol"):
       if given.data.get(key):
         saved.data[key] = given.data[key]
   ignored = sorted(k for k in set(given_flat) | set(saved_flat)
-                   if k not in ("data.path", "data.cache_dir")
+                   if k not in ("data.path", "data.cache_dir", "data.protocol")
                    and given_flat.get(k) != saved_flat.get(k))
   if ignored:
     logging.warning("--config differs from %s/config.json in %s; the saved values (those "
