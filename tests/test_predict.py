@@ -202,3 +202,22 @@ def test_main_without_images_is_a_usage_error(tmp_path):
 def test_from_workdir_names_a_directory_that_is_not_a_workdir(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a training work directory"):
     predict.Predictor.from_workdir(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_run_py_predict_command_line(trained_workdir, image_dir):  # noqa: F811
+  """The real command: stdout is JSON lines only, the exit status is 1 when a file failed."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from workdir_fixture import REPO  # pylint: disable=g-import-not-at-top
+  d, files = image_dir
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "run.py"), f"--workdir={trained_workdir}", "--mode=predict",
+       f"--images={files['rgb_jpg']},{d / 'folder'},{d / 'bad.jpg'}"],
+      capture_output=True, text=True, timeout=600, cwd=str(REPO))
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [r["file"] for r in rows] == [files["rgb_jpg"], files["grey"], files["rgba"],
+                                       files["webp"], str(d / "bad.jpg")]
+  assert "error" in rows[-1] and all("dominant" in r for r in rows[:-1])
+  assert f"{d / 'bad.jpg'}: not a readable image" in proc.stderr
