@@ -214,11 +214,14 @@ def evaluate(p_eval_step, state, dataset, prefetch: int = 2) -> dict:
   sums = None
   for batch in pipeline.prefetch_to_device(pipeline.as_numpy(dataset), prefetch):
     sums = metrics_lib.merge(sums, p_eval_step(state, batch))
-  return metrics_lib.finalize(jax.tree_util.tree_map(lambda x: x[0], sums))
+  return metrics_lib.finalize(unreplicate(sums))
 
 
 # ---------------------------------------------------------------------------------------
 # Baselines and reports.
+
+
+_jit_batch_sums = jax.jit(metrics_lib.batch_sums)
 
 
 def baseline_metrics(probs, labels, distributions) -> dict:
@@ -226,8 +229,8 @@ def baseline_metrics(probs, labels, distributions) -> dict:
   distributions = np.asarray(distributions, np.float32)
   probs = np.broadcast_to(np.asarray(probs, np.float32), distributions.shape)
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    sums = metrics_lib.batch_sums(jnp.asarray(probs), jnp.asarray(labels),
-                                  jnp.asarray(distributions))
+    # One jitted program, not one compilation per operation of batch_sums.
+    sums = _jit_batch_sums(probs, np.asarray(labels, np.int32), distributions)
     return metrics_lib.finalize(sums)
 
 
@@ -453,30 +456,34 @@ def _duration(seconds: float) -> str:
 
 def replicate(tree, devices=None):
   """Copies every leaf onto each of ``devices`` (default: the local devices), stacked on a
-  new leading axis, as ``jax.pmap`` expects."""
-  return jax_utils.replicate(tree, devices=devices)
+  new leading axis, as ``jax.pmap`` expects.
+
+  The stacking happens on the host (numpy): stacking device arrays would compile one small
+  XLA program per leaf shape.
+  """
+  return jax_utils.replicate(jax.device_get(tree), devices=devices)
 
 
 def unreplicate(tree):
-  """The first replica of each leaf of a replicated (pmap) tree.
+  """A host (numpy) copy of the first replica of each leaf of a replicated (pmap) tree.
 
-  Reads one device's shard rather than indexing ``x[0]`` (no gather across devices).
-  Unlike ``flax.jax_utils.unreplicate`` it also drops the leading axis of a tree
-  replicated over a single device of a multi-device host.
+  Reads one device's shard rather than indexing ``x[0]`` on the device (which would gather
+  across devices and compile a slice per leaf shape). Unlike ``flax.jax_utils.unreplicate``
+  it also drops the leading axis of a tree replicated over one device of a multi-device
+  host.
   """
 
   def one(x):
     if isinstance(x, jax.Array) and x.ndim >= 1 and x.addressable_shards:
-      shard = x.addressable_shards[0].data
-      return shard[0] if shard.ndim == x.ndim else shard
-    return x[0]
+      return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+    return np.asarray(x)[0]
 
   return jax.tree_util.tree_map(one, tree)
 
 
 def _host(state):
   """Unreplicated host copy of a replicated state (for checkpoints)."""
-  return jax.device_get(unreplicate(state))
+  return unreplicate(state)
 
 
 def _load_data(config):
@@ -524,6 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   num_train_steps = int(config.num_train_steps or
                         math.ceil(float(config.num_epochs) * steps_per_epoch))
   lr_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+  lr_at = jax.jit(lr_fn)  # for the logs: one compilation, not one per schedule operation
   state = create_train_state(prng_key(config.seed), config, model,
                              config.image_size, lr_fn, pretrained=latest is None)
   if latest is not None:
@@ -571,7 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         values = metrics_lib.finalize(total)
         now = time.time()
         rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        values.update(steps_per_second=rate, learning_rate=float(lr_fn(step - 1)),
+        values.update(steps_per_second=rate, learning_rate=float(lr_at(step - 1)),
                       input_wait_fraction=input_wait / max(now - last_log_time, 1e-9))
         writer.write(step, "train", values)
         logging.info("step %d/%d  loss %.4f  acc %.3f  kl %.4f  |  %.2f steps/s  "

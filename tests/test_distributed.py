@@ -12,6 +12,7 @@ from pathlib import Path
 import socket
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -96,8 +97,14 @@ else:
 ''' % {"batch": GLOBAL_BATCH, "steps": STEPS}
 
 
+# Subprocesses share a persistent XLA compilation cache (unless the caller set one): the
+# same programs are compiled by several workers, and again in the resume round.
+_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="sdl_jax_xla_")
+
+
 def _env(devices):
   env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["CUDA_VISIBLE_DEVICES"] = ""
@@ -158,3 +165,64 @@ def test_two_processes_with_jax_distributed_match_one_process(local_runs, tmp_pa
   _assert_same(p0, p1)
   # Per-device batch 4 on 2 x 2 devices vs the whole global batch of 16 on one device.
   _assert_same(p0, local_runs[1])
+
+
+E2E_WORKER = r'''
+import sys
+pid, port, workdir, cache, steps, repo = sys.argv[1:7]
+sys.path.insert(0, repo)
+from configs import sdl as sdl_config
+from sdl_jax import train
+c = sdl_config.get_config()
+c.distributed = True
+c.coordinator_address, c.num_processes, c.process_id = f"127.0.0.1:{port}", 2, int(pid)
+c.data.num_examples, c.data.image_size, c.data.cache_dir = 300, 16, cache
+c.image_size, c.resize_size = 16, 18
+c.model_kwargs.widths, c.model_kwargs.stem_stride = (8, 16), 1
+c.batch_size, c.num_train_steps, c.warmup_steps = 8, int(steps), 2
+c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 1, 3, 3
+r = train.train_and_evaluate(c, workdir)
+print("RESULT", r["test"]["count"], repr(r["test"]["kl"]), r["start_step"])
+'''
+
+
+def _run_pair(script_args, timeout=600):
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", E2E_WORKER, str(i), port, *script_args],
+                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, out[-4000:]
+    outs.append(out)
+  return outs
+
+
+@pytest.mark.slow
+def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path):
+  """train_and_evaluate on 2 processes x 2 devices: exact evaluation over the whole test
+  split on both, one shared workdir written by process 0, orbax checkpoints from both, and
+  a resume."""
+  import ml_collections
+  from sdl_jax import data
+  cache, wd = tmp_path / "tfds", tmp_path / "wd"
+  # Build the data set once here: two processes must not build it at the same time.
+  data.get_builder(ml_collections.ConfigDict(
+      {"name": "synthetic", "num_examples": 300, "seed": 0, "image_size": 16, "path": None}),
+      data_dir=str(cache))
+  first = _run_pair([str(wd), str(cache), "3", str(REPO)])
+  second = _run_pair([str(wd), str(cache), "6", str(REPO)])
+  for outs, start in ((first, 0), (second, 3)):
+    results = [l for o in outs for l in o.splitlines() if l.startswith("RESULT")]
+    assert len(results) == 2 and results[0] == results[1], results  # same metrics on both
+    count, _, start_step = results[0].split()[1:]
+    assert int(count) == 45 and int(start_step) == start  # the whole test split, once
+  assert all("resuming from step 3" in o for o in second)
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["3", "6"]
+  assert (wd / "results.json").is_file() and (wd / "report.md").is_file()

@@ -6,6 +6,7 @@ import math
 import os
 import re
 from pathlib import Path
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def test_optimizer_is_caffe_sgd():
 # The pmapped train step against plain autodiff.
 
 
+@pytest.mark.slow
 def test_train_step_matches_plain_autodiff_and_sgd():
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4, 8)
@@ -135,6 +137,7 @@ def test_train_step_matches_plain_autodiff_and_sgd():
   assert float(sums["count"][0]) == 6
 
 
+@pytest.mark.slow
 def test_pretrained_body_is_loaded_and_the_head_is_new(tmp_path):
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4, 8)
@@ -154,6 +157,7 @@ def test_pretrained_body_is_loaded_and_the_head_is_new(tmp_path):
   np.testing.assert_array_equal(state.params["head"]["kernel"], fresh["head"]["kernel"])
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step_runs_and_keeps_float32_params():
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4, 8)
@@ -206,10 +210,17 @@ def _params(workdir, config, which="latest"):
   return jax.tree_util.tree_map(np.asarray, (state.params, state.batch_stats, state.opt_state))
 
 
-@pytest.mark.slow
-def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path, cache_dir, capsys):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, cache_dir):
+  """A tiny run of 6 steps straight through: (config, workdir, results)."""
   c = _tiny_config(cache_dir)
-  straight = train.train_and_evaluate(c, str(tmp_path / "straight"))
+  wd = tmp_path_factory.mktemp("straight")
+  return c, wd, train.train_and_evaluate(c, str(wd))
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path, straight_run, capsys):
+  c, straight_wd, straight = straight_run
   assert straight["num_train_steps"] == 6 and "interrupted" not in straight
 
   # Stop after step 4 (not a checkpoint step), as a SIGTERM would.
@@ -221,7 +232,7 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path, cache_dir,
   assert "resuming from step 4" in capsys.readouterr().out
   assert again["start_step"] == 4
 
-  a = _params(tmp_path / "straight", c)
+  a = _params(straight_wd, c)
   b = _params(tmp_path / "resumed", c)
   # Same program, same data, same keys on the CPU: equal to the last bit.
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
@@ -236,31 +247,34 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path, cache_dir,
   lines = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
   train_steps = [l["step"] for l in lines if l["split"] == "train"]
   assert train_steps == [2, 4, 6]  # the resumed run did not duplicate step 4's line
+  assert [l["step"] for l in lines if l["split"] == "test"] == [6]
   assert "uniform distribution" in (wd / "report.md").read_text()
 
 
 @pytest.mark.slow
-def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path, cache_dir):
-  c = _tiny_config(cache_dir, num_train_steps=3)
+def test_corrupt_or_incompatible_checkpoint_is_a_clear_error(tmp_path, straight_run):
+  c, straight_wd, _ = straight_run
   wd = tmp_path / "wd"
-  train.train_and_evaluate(c, str(wd))
-  ckpt = wd / "checkpoints" / "3"
+  shutil.copytree(straight_wd, wd)
+  ckpt = wd / "checkpoints" / "6"
   assert ckpt.is_dir()
+  longer = _tiny_config(c.data.cache_dir, num_train_steps=9)
 
   # Incompatible: another model width.
-  wider = _tiny_config(cache_dir, num_train_steps=6)
+  wider = _tiny_config(c.data.cache_dir, num_train_steps=9)
   wider.model_kwargs.widths = (8, 32)
   with pytest.raises(ckpt_lib.CheckpointError, match=re.escape(str(ckpt))):
     train.train_and_evaluate(wider, str(wd))
 
-  # Corrupt: every data file overwritten with garbage.
+  # Corrupt: every file of the checkpoint overwritten with garbage.
   files = [f for f in ckpt.rglob("*") if f.is_file()]
   for f in files:
     f.write_bytes(b"not a checkpoint")
   with pytest.raises(ckpt_lib.CheckpointError, match=re.escape(str(ckpt))):
-    train.train_and_evaluate(_tiny_config(cache_dir, num_train_steps=6), str(wd))
+    train.train_and_evaluate(longer, str(wd))
   # Never deleted nor overwritten.
   assert all(f.read_bytes() == b"not a checkpoint" for f in files)
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["3", "6"]
 
 
 @pytest.mark.slow
@@ -274,6 +288,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
           "--config.num_train_steps=100000", "--config.log_every_steps=1",
           "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"]
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir / "xla"))
   proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env)
   metrics_file = wd / "metrics.jsonl"
