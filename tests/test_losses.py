@@ -43,20 +43,25 @@ def _random_problem(seed, n=6, c=8, soft_labels=False, normalised=True, zero_row
   return logits, labels, dist
 
 
+def _np_label_targets(labels, n, c):
+  """Integer labels (negative = padded) or float [N, C] label weights as float64 [N, C]."""
+  labels = np.asarray(labels)
+  if labels.ndim == 2:
+    return labels.astype(np.float64)
+  y = np.zeros((n, c))
+  for i, k in enumerate(labels):
+    if k >= 0:
+      y[i, k] = 1.0
+  return y
+
+
 def _numpy_loss(logits, labels, dist, lam):
   """The loss written from the definition in NumPy (float64)."""
   logits = np.asarray(logits, np.float64)
   n, c = logits.shape
   z = logits - logits.max(1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-  labels = np.asarray(labels)
-  if labels.ndim == 1:
-    y = np.zeros((n, c))
-    for i, k in enumerate(labels):
-      if k >= 0:
-        y[i, k] = 1.0
-  else:
-    y = labels.astype(np.float64)
+  y = _np_label_targets(labels, n, c)
   return -((1 - lam) * (y * logp).sum() + lam * (dist * logp).sum()) / n
 
 
@@ -66,14 +71,7 @@ def _numpy_grad(logits, labels, dist, lam):
   n, c = logits.shape
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
-  labels = np.asarray(labels)
-  if labels.ndim == 1:
-    y = np.zeros((n, c))
-    for i, k in enumerate(labels):
-      if k >= 0:
-        y[i, k] = 1.0
-  else:
-    y = labels.astype(np.float64)
+  y = _np_label_targets(labels, n, c)
   return ((1 - lam) * (p * y.sum(1, keepdims=True) - y)
           + lam * (p * dist.sum(1, keepdims=True) - dist)) / n
 
