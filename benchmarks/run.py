@@ -78,6 +78,9 @@ def parse_args(argv=None):
   g.add_argument("--parallel", default="pmap", choices=("pmap", "jit"),
                  help="data parallelism of the local step")
   g.add_argument("--no_donate", action="store_true", help="local step: no donation")
+  g.add_argument("--conv", default="library",
+                 help="convolution implementation swapped into the models, for experiments "
+                      "(benchmarks/conv_variants.py): library, lax, dw_taps, lax_dw_taps")
   g.add_argument("--xla_flags", default="",
                  help="space-separated flags appended to $XLA_FLAGS before JAX starts")
   g.add_argument("--torch", default="auto", choices=("auto", "cpu", "cuda", "none"),
@@ -90,6 +93,9 @@ def parse_args(argv=None):
   g = p.add_argument_group("loss")
   g.add_argument("--loss_sizes", default="32x8,4096x1000", help="NxC,NxC,...")
   g.add_argument("--loss_repeats", type=int, default=7)
+  g.add_argument("--loss_variants", default="custom_vjp,autodiff",
+                 help="gradients to compare (benchmarks/loss_bench.py VARIANTS); the "
+                      "first two must be custom_vjp,autodiff")
   g.add_argument("--loss_iters", type=int, default=0,
                  help="gradients per timed loop (0: automatic)")
   g = p.add_argument_group("pipeline")
@@ -121,6 +127,9 @@ def parse_args(argv=None):
   except (ValueError, AssertionError):
     p.error(f"--loss_sizes must look like 32x8,4096x1000, got {args.loss_sizes!r}")
   args.pipeline_presets = [s for s in args.pipeline_presets.split(",") if s]
+  args.loss_variants = tuple(s for s in args.loss_variants.split(",") if s)
+  if args.loss_variants[:2] != ("custom_vjp", "autodiff"):
+    p.error("--loss_variants must start with custom_vjp,autodiff")
   try:
     args.model_kwargs = json.loads(args.model_kwargs)
     assert isinstance(args.model_kwargs, dict)
@@ -148,6 +157,7 @@ def environment(args, torch_device) -> dict:
       "local_devices": jax.local_device_count(),
       "device_kind": jax.local_devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "conv": args.conv,
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
   }
@@ -355,7 +365,7 @@ def markdown(results: dict) -> str:
            f"- threads: XLA intra-op pool {env['xla_threads']} (one per CPU)"
            + (f"; torch {env['torch_threads']} intra-op, {env['torch_interop_threads']} "
               f"inter-op, {env['torch_layout']}" if env.get("torch") else ""),
-           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`", ""]
+           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}", ""]
   peak = results.get("peak")
   if peak:
     lines += [f"Matmul peak ({peak['n']}x{peak['n']}, {peak['dtype']}): "
@@ -394,17 +404,20 @@ def markdown(results: dict) -> str:
   loss = results.get("loss")
   if loss:
     lines += ["## Loss gradient alone (d sdl_loss / d logits)", "",
-              "| logits | custom_vjp us (loop / call) | autodiff us (loop / call) "
-              "| autodiff/custom (loop) | HLO ops custom / autodiff | max abs diff |",
-              "|---" * 6 + "|"]
+              "| logits | gradient | us per gradient, in a loop (min-max) | us per jitted call "
+              "| autodiff / this (loop) | HLO ops (fusions) |", "|---" * 6 + "|"]
     for r in loss:
-      c, a = r["custom_vjp"], r["autodiff"]
-      lines.append(
-          f"| {r['shape'][0]}x{r['shape'][1]} | {c['loop_us_median']:.2f} / "
-          f"{c['call_us_median']:.1f} | {a['loop_us_median']:.2f} / {a['call_us_median']:.1f} "
-          f"| {r['speedup_loop']:.2f}x | {c['hlo_ops']['total']} / {a['hlo_ops']['total']} "
-          f"| {r['max_abs_diff']:.1e} |")
-    lines.append("")
+      auto = r["autodiff"]["loop_us_median"]
+      for v in [k for k in r if isinstance(r[k], dict) and "hlo_ops" in r[k]]:
+        x = r[v]
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {v} | {x['loop_us_median']:.2f} "
+            f"({min(x['loop_us']):.2f}-{max(x['loop_us']):.2f}) | {x['call_us_median']:.1f} "
+            f"| {auto / x['loop_us_median']:.2f}x | {x['hlo_ops']['total']} "
+            f"({x['hlo_ops']['fusions']}) |")
+    lines += ["", "Largest difference between the gradients: "
+              + ", ".join(f"{r['shape'][0]}x{r['shape'][1]}: {r['max_abs_diff']:.1e}"
+                          for r in loss) + ".", ""]
   pipe = results.get("pipeline")
   if pipe:
     lines += ["## Input pipeline (tf.data, AUTOTUNE) against the train step", "",
@@ -439,6 +452,9 @@ def main(argv=None) -> dict:
   if torch_device:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.torch_threads or perf.cpu_count())
+  if args.conv != "library":
+    from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
+    conv_variants.use(args.conv)
   results = {"env": environment(args, torch_device)}
   log(f"devices: {results['env']['devices']}")
 
@@ -467,8 +483,8 @@ def main(argv=None) -> dict:
     results["loss"] = []
     for n, c in args.loss_sizes:
       log(f"loss gradient {n}x{c}")
-      results["loss"].append(loss_bench.bench_loss(n, c, repeats=args.loss_repeats,
-                                                   iters=args.loss_iters))
+      results["loss"].append(loss_bench.bench_loss(
+          n, c, repeats=args.loss_repeats, iters=args.loss_iters, variants=args.loss_variants))
     save()
   if "pipeline" in args.sections:
     from benchmarks import pipeline_bench  # pylint: disable=g-import-not-at-top
