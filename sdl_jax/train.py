@@ -13,7 +13,8 @@ its own shard of the data.
 
 The loop never syncs with the host per step: metric sums stay on device and are fetched
 every ``log_every_steps``; the state is donated to ``train_step``; batches are prefetched
-onto the devices.
+onto the devices. The progress line reports how much of the time the device sat idle
+waiting for input ("input-bound", ``input_wait_fraction`` in metrics.jsonl).
 
 The workdir (written by process 0; checkpoints by all processes through orbax)::
 
@@ -558,7 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                steps_per_epoch, config.batch_size, jax.device_count())
   step = start_step
   pending, last_log_step, last_log_time = [], step, time.time()
-  input_wait = 0.0  # seconds the loop spent blocked on the input pipeline since the last log
+  input_wait = 0.0  # seconds the device was idle waiting for input, since the last log
   interrupted = None
   with _StopRequest() as stop:
     while step < num_train_steps:
@@ -567,9 +568,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       if stop.signal:
         interrupted = stop.signal
         break
+      # Time the device sits idle for want of input: waiting for a batch while the steps
+      # already dispatched are all done (waiting while the device is busy is free).
       t_wait = time.perf_counter()
+      device_idle = state.step.is_ready()
       batch = next(train_iter)
-      input_wait += time.perf_counter() - t_wait
+      if device_idle:
+        input_wait += time.perf_counter() - t_wait
       state, sums = p_train_step(state, batch)
       pending.append(sums)
       step += 1
@@ -583,7 +588,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                       input_wait_fraction=input_wait / max(now - last_log_time, 1e-9))
         writer.write(step, "train", values)
         logging.info("step %d/%d  loss %.4f  acc %.3f  kl %.4f  |  %.2f steps/s  "
-                     "(input wait %.0f%%)  |  ETA %s", step, num_train_steps, values["loss"],
+                     "(input-bound %.0f%%)  |  ETA %s", step, num_train_steps, values["loss"],
                      values["accuracy"], values["kl"], rate,
                      100 * values["input_wait_fraction"],
                      _duration((num_train_steps - step) / rate))
