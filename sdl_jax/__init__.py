@@ -2,6 +2,18 @@
 
 Implements Yang, She and Sun, "Joint Image Emotion Classification and Distribution
 Learning via Deep Convolutional Neural Network" (IJCAI 2017).
+
+Importing the package adds ``sdl_jax.perf.FAST_CPU_XLA_FLAGS`` to ``$XLA_FLAGS`` (XLA:CPU
+convolutions on XLA's own kernels rather than YNNPACK's, whose gradients measured several
+times slower; see the README's performance section). The flags only act on CPU and only
+if JAX has not started yet; a flag the user already set keeps the user's value, and
+``SDL_JAX_XLA_DEFAULTS=0`` turns this off.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+if _os.environ.get("SDL_JAX_XLA_DEFAULTS", "1") != "0":
+  from sdl_jax import perf as _perf
+  _perf.use_fast_cpu_flags(keep_user_values=True)

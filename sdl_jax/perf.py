@@ -16,11 +16,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 
-def append_xla_flags(flags: Sequence[str]) -> str:
+def append_xla_flags(flags: Sequence[str], keep_user_values: bool = False) -> str:
   """Appends ``flags`` (e.g. ``['--xla_cpu_use_xnnpack=true']``) to ``$XLA_FLAGS``.
 
-  A flag already present with another value is replaced. Must run before JAX's backend is
-  initialised (before the first ``jax.devices()`` or computation) to have any effect.
+  A flag already present with another value is replaced, or, with ``keep_user_values``,
+  left as it is. Must run before JAX's backend is initialised (before the first
+  ``jax.devices()`` or computation) to have any effect.
 
   Returns:
     The new value of ``$XLA_FLAGS``.
@@ -30,24 +31,27 @@ def append_xla_flags(flags: Sequence[str]) -> str:
     if not flag.startswith("--"):
       raise ValueError(f"XLA flag {flag!r} must start with '--'")
     name = flag.split("=", 1)[0]
+    if keep_user_values and any(f.split("=", 1)[0] == name for f in current):
+      continue
     current = [f for f in current if f.split("=", 1)[0] != name] + [flag]
   os.environ["XLA_FLAGS"] = " ".join(current)
   return os.environ["XLA_FLAGS"]
 
 
-# XLA:CPU flags that made training faster on CPU (benchmarks/RESULTS_LOG.md): run
-# convolutions on XLA's own (Eigen) kernels instead of YNNPACK, the default, whose
-# convolution gradients measured 2-4x slower. Harmless on other backends.
+# XLA:CPU flags that made training faster on CPU (README, "Performance"): run convolutions
+# on XLA's own (Eigen) kernels instead of YNNPACK (jaxlib 0.10.2's default),
+# whose convolution gradients measured 2-10x slower; YNNPACK keeps the dots, reductions
+# and elementwise fusions, where it is faster. Ignored by other backends.
 FAST_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 
-def use_fast_cpu_flags() -> str:
+def use_fast_cpu_flags(keep_user_values: bool = False) -> str:
   """Appends ``FAST_CPU_XLA_FLAGS`` to ``$XLA_FLAGS``; call before JAX's first computation.
 
   Returns:
     The new value of ``$XLA_FLAGS``.
   """
-  return append_xla_flags(FAST_CPU_XLA_FLAGS)
+  return append_xla_flags(FAST_CPU_XLA_FLAGS, keep_user_values=keep_user_values)
 
 
 def cpu_count() -> int:

@@ -61,6 +61,31 @@ def test_append_xla_flags_replaces_a_flag_of_the_same_name(monkeypatch):
   assert os.environ["XLA_FLAGS"] == "--a=1 --b=3 --c"
   with pytest.raises(ValueError, match="must start with '--'"):
     perf.append_xla_flags(["xla_cpu_foo=1"])
+  assert perf.append_xla_flags(["--b=4", "--d=5"], keep_user_values=True) == (
+      "--a=1 --b=3 --c --d=5")
+
+
+@pytest.mark.parametrize("env,want,ynn_conv", [
+    ({}, perf.FAST_CPU_XLA_FLAGS[0], False),
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"},
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", True),
+    ({"SDL_JAX_XLA_DEFAULTS": "0"}, "", True),
+])
+def test_import_sets_fast_cpu_flags_unless_the_user_chose(env, want, ynn_conv):
+  """Importing sdl_jax adds the CPU flags, keeps a user's own value, and can be turned off;
+  the flags are accepted by this jaxlib and take the convolutions off YNNPACK."""
+  code = ("import os, sdl_jax, jax, jax.numpy as jnp\n"
+          "print(repr(os.environ.get('XLA_FLAGS', '')))\n"
+          "x = jnp.ones((8, 16, 16, 32)); w = jnp.ones((3, 3, 32, 32))\n"
+          "f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', "
+          "dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+          "print('ynn' in jax.jit(f).lower(x, w).compile().as_text())\n")
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("XLA_FLAGS", "SDL_JAX_XLA_DEFAULTS")}
+  out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True,
+                       capture_output=True, text=True, cwd=REPO).stdout.split("\n")
+  assert out[0] == repr(want)
+  assert out[1] == str(ynn_conv)
 
 
 def test_compiled_memory_and_flops_of_a_matmul():
