@@ -1,22 +1,22 @@
 """Convolution implementations the benchmark can swap into the models (``--conv``).
 
 For experiments only: the library's models use ``sdl_jax.models.conv.conv_general_dilated``
-(XLA's forward and input gradient, the weight gradient as per-tap matmuls); ``--conv``
-replaces it in every model module for one run, so whole-model effects are measured by the
-same tool. Variants:
+(XLA's own convolutions, depthwise ones as shifted taps); ``--conv`` replaces it in every
+model module for one run, so whole-model effects are measured by the same tool. Variants:
 
 * ``library``: unchanged;
-* ``lax``: ``lax.conv_general_dilated`` itself (XLA's own gradients);
-* ``dw_taps``: the library's, but depthwise convolutions (``feature_group_count`` = input
-  channels, one filter each) as a sum of ``kh * kw`` shifted, strided slices times the
-  per-channel weights (``depthwise_taps``), differentiated by JAX;
-* ``lax_dw_taps``: ``lax`` with depthwise convolutions as in ``dw_taps``.
+* ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
+* ``tap_matmul_dw``: the weight gradient of every non-depthwise convolution as per-tap
+  matmuls (``tap_matmul_conv``; the library's convolution before the XLA flag was found),
+  depthwise ones as in ``library``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -27,58 +27,70 @@ MODEL_MODULES = ("sdl_jax.models.small_cnn", "sdl_jax.models.vgg", "sdl_jax.mode
                  "sdl_jax.models.efficientnet_lite")
 
 
-def depthwise_taps(x, w, strides, padding):
-  """Depthwise convolution, NHWC / HWIO with ``w`` ``[kh, kw, 1, C]``:
+def _conv(x, w, strides, padding, groups):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN,
+                                  feature_group_count=groups)
 
-      y[n, a, b, c] = sum_{i, j} xpad[n, a * sh + i, b * sw + j, c] * w[i, j, 0, c]
 
-  ``padding`` is ``((top, bottom), (left, right))``. Each term is an elementwise product
-  that XLA fuses into one loop; its gradient is pads and reductions, also fused.
-  """
-  n, h, wd, c = x.shape
-  kh, kw = w.shape[:2]
-  (pt, pb), (pl, pr) = padding
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _tap_matmul(x, w, strides, padding, groups):
+  return _conv(x, w, strides, padding, groups)
+
+
+def _tap_matmul_fwd(x, w, strides, padding, groups):
+  return _conv(x, w, strides, padding, groups), (x, w)
+
+
+def _tap_matmul_bwd(strides, padding, groups, res, g):
+  """dW[kh, kw, i, o] = sum_{n,h,w} xpad[n, h*sh + kh, w*sw + kw, i] * dy[n, h, w, o]."""
+  x, w = res
+  (dx,) = jax.vjp(lambda x_: _conv(x_, w, strides, padding, groups), x)[1](g)
+  kh, kw, cin_g, cout = w.shape
+  n, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
   sh, sw = strides
-  ho, wo = (h + pt + pb - kh) // sh + 1, (wd + pl + pr - kw) // sw + 1
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  y = None
+  taps = []
   for i in range(kh):
     for j in range(kw):
-      xs = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+      xs = lax.slice(xp, (0, i, j, 0),
+                     (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, xp.shape[3]),
                      (1, sh, sw, 1))
-      term = xs * w[i, j, 0]
-      y = term if y is None else y + term
-  return y
+      xs = xs.reshape(n, ho, wo, groups, cin_g)
+      gg = g.reshape(n, ho, wo, groups, cout // groups)
+      taps.append(jnp.einsum("nhwgi,nhwgo->igo", xs, gg).reshape(cin_g, cout))
+  return dx, jnp.stack(taps).reshape(kh, kw, cin_g, cout).astype(w.dtype)
 
 
-def _with_depthwise_taps(base):
+_tap_matmul.defvjp(_tap_matmul_fwd, _tap_matmul_bwd)
 
-  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-           precision=None, preferred_element_type=None):
-    depthwise = (lhs.ndim == 4 and feature_group_count > 1 and rhs.shape[2] == 1
-                 and rhs.shape[3] == lhs.shape[3] == feature_group_count
-                 and batch_group_count == 1 and preferred_element_type is None
-                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
-                 and all(d == 1 for d in (rhs_dilation or (1, 1)))
-                 and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-                 == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN))
-    if not depthwise:
-      return base(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                  dimension_numbers, feature_group_count, batch_group_count, precision,
-                  preferred_element_type)
-    if isinstance(padding, str):
-      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    return depthwise_taps(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
 
-  return conv
+def tap_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                    dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                    precision=None, preferred_element_type=None):
+  """The library's convolution, but dense NHWC ones get a per-tap matmul weight gradient."""
+  plain = (lhs.ndim != 4 or batch_group_count != 1 or preferred_element_type is not None
+           or precision is not None
+           or any(d != 1 for d in (lhs_dilation or (1, 1)))
+           or any(d != 1 for d in (rhs_dilation or (1, 1)))
+           or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+           or library_conv.is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count,
+                                        batch_group_count, preferred_element_type))
+  if plain:
+    return library_conv.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  padding = tuple(tuple(int(v) for v in p) for p in padding)
+  return _tap_matmul(lhs, rhs, tuple(window_strides), padding, int(feature_group_count))
 
 
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
-    "dw_taps": _with_depthwise_taps(library_conv.conv_general_dilated),
-    "lax_dw_taps": _with_depthwise_taps(lax.conv_general_dilated),
+    "tap_matmul_dw": tap_matmul_conv,
 }
 
 

@@ -1,4 +1,4 @@
-"""The matmul weight-gradient convolution equals XLA's own, value and gradients."""
+"""The library convolution (XLA's own, depthwise as taps) equals lax's, value and gradients."""
 
 import flax.linen as nn
 import jax
@@ -8,6 +8,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
+from benchmarks.conv_variants import tap_matmul_conv
 from sdl_jax.models.conv import conv_general_dilated as fast_conv
 from sdl_jax.models.small_cnn import max_pool_2x2
 
@@ -21,8 +22,9 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
 ]
 
 
+@pytest.mark.parametrize("impl", [fast_conv, tap_matmul_conv], ids=["library", "tap_matmul"])
 @pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", CASES)
-def test_value_and_gradients_equal_lax(h, cin, cout, k, strides, padding, groups):
+def test_value_and_gradients_equal_lax(impl, h, cin, cout, k, strides, padding, groups):
   rng = np.random.default_rng(h + k)
   x = jnp.asarray(rng.normal(size=(2, h, h + 1, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
@@ -32,10 +34,10 @@ def test_value_and_gradients_equal_lax(h, cin, cout, k, strides, padding, groups
     return jnp.sum(jnp.sin(y))
 
   np.testing.assert_allclose(
-      fast_conv(x, w, strides, padding, dimension_numbers=DN, feature_group_count=groups),
+      impl(x, w, strides, padding, dimension_numbers=DN, feature_group_count=groups),
       lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
-                               feature_group_count=groups), rtol=1e-6, atol=1e-6)
-  got = jax.grad(lambda x, w: loss(fast_conv, x, w), argnums=(0, 1))(x, w)
+                               feature_group_count=groups), rtol=1e-5, atol=1e-5)
+  got = jax.grad(lambda x, w: loss(impl, x, w), argnums=(0, 1))(x, w)
   want = jax.grad(lambda x, w: loss(lax.conv_general_dilated, x, w), argnums=(0, 1))(x, w)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
@@ -49,6 +51,10 @@ def test_check_grads_float64():
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
     f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN)
     check_grads(f, (x, w), order=1, modes=["rev"])
+    wd = jnp.asarray(rng.normal(size=(3, 3, 1, 3)))  # depthwise: the taps path
+    f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN,
+                               feature_group_count=3)
+    check_grads(f, (x, wd), order=2, modes=["fwd", "rev"])
   finally:
     jax.config.update("jax_enable_x64", False)
 
