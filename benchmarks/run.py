@@ -63,6 +63,8 @@ def parse_args(argv=None):
                       '\'{"widths": [8, 16]}\' for a tiny small_cnn')
   g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="computation dtype on both sides (float32 master weights)")
+  g.add_argument("--torch_dtype", default="", choices=("", "float32", "bfloat16"),
+                 help="PyTorch's computation dtype (default: --dtype)")
   g.add_argument("--repeats", type=int, default=5)
   g.add_argument("--min_repeats", type=int, default=3,
                  help="fewest repeats when --budget_s cuts them")
@@ -80,7 +82,7 @@ def parse_args(argv=None):
   g.add_argument("--no_donate", action="store_true", help="local step: no donation")
   g.add_argument("--conv", default="library",
                  help="convolution implementation swapped into the models, for experiments "
-                      "(benchmarks/conv_variants.py): library, lax, dw_taps, lax_dw_taps")
+                      "(benchmarks/conv_variants.py): library, lax, tap_matmul_dw")
   g.add_argument("--xla_flags", default="",
                  help="space-separated flags appended to $XLA_FLAGS before JAX starts")
   g.add_argument("--torch", default="auto", choices=("auto", "cpu", "cuda", "none"),
@@ -229,6 +231,7 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
   size = model_image_size(name, args)
   images, labels, dists = synthetic_batch(args.batch, size, args.num_classes)
   out = {"model": name, "image_size": size, "batch": args.batch, "dtype": args.dtype,
+         "torch_dtype": args.torch_dtype or args.dtype,
          "num_classes": args.num_classes, "model_kwargs": args.model_kwargs,
          "jax_step": args.step}
   fwd = jax_train.forward_flops(name, args.num_classes, size, args.batch, args.model_kwargs)
@@ -262,7 +265,8 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
         name, args.num_classes, images, labels, dists, model_kwargs=args.model_kwargs,
         lr=float(config.learning_rate),
         weight_decay=float(config.weight_decay), lam=float(config.lam),
-        channels_last=args.torch_layout == "channels_last", bf16=args.dtype == "bfloat16",
+        channels_last=args.torch_layout == "channels_last",
+        bf16=(args.torch_dtype or args.dtype) == "bfloat16",
         device=torch_device)
     out["torch"] = {"params": tt.num_params()}
     with perf.PeakRSS() as rss:
@@ -327,10 +331,11 @@ def measure_peak(args, torch_device, log) -> dict:
   n = args.peak_n or (2048 if on_cpu else 8192)
   dtype = jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   out = {"n": n, "dtype": args.dtype, "jax": perf.jax_matmul_peak(n, jax_dtype)}
-  if torch_device == "cpu" and on_cpu:
+  if torch_device == "cpu" and on_cpu and args.dtype == "float32":
+    # (PyTorch's CPU bfloat16 matmul can be 30x slower than float32 without hardware
+    # support; the bfloat16 peak is JAX's alone.)
     import torch  # pylint: disable=g-import-not-at-top
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    out["torch"] = perf.torch_matmul_peak(n, dtype)
+    out["torch"] = perf.torch_matmul_peak(n, torch.float32)
   out["peak"] = max(v for k, v in out.items() if k in ("jax", "torch"))
   if on_cpu:  # One process runs on every core; on accelerators the peak is per device.
     out["devices"] = 1
@@ -386,11 +391,13 @@ def markdown(results: dict) -> str:
       j, t = r["jax"], r.get("torch")
       mfu = lambda s: "-" if not s or s.get("mfu") is None else f"{100 * s['mfu']:.1f}%"
       xla_mem = (j.get("xla_memory") or {}).get("total")
+      dtype = r["dtype"] if r.get("torch_dtype", r["dtype"]) == r["dtype"] else (
+          f"{r['dtype']} / {r['torch_dtype']}")
       lines.append(
-          f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} "
+          f"| {r['model']} | {r['image_size']} | {r['batch']} | {dtype} "
           f"| {_ips(j['images_per_s'])} | {_ips(t['images_per_s']) if t else '-'} "
           f"| {r['ratio']:.2f}x" if t else
-          f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} "
+          f"| {r['model']} | {r['image_size']} | {r['batch']} | {dtype} "
           f"| {_ips(j['images_per_s'])} | - | -")
       fwd = r.get("forward_gflop_per_image")
       lines[-1] += (f" | {j['compile_s']:.1f} | {fwd:.2f}" if fwd else
