@@ -56,7 +56,9 @@ class Checkpoints:
   """The latest-k and best checkpoint managers of one workdir."""
 
   def __init__(self, workdir: str, keep: int, best_metric: str, higher_is_better: bool):
-    self.workdir = epath.Path(workdir)
+    # orbax needs absolute paths (a relative workdir such as ../runs/a failed at the
+    # first save).
+    self.workdir = epath.Path(os.path.abspath(workdir))
     self.best_metric = best_metric
     self.higher_is_better = higher_is_better
     self._latest = ocp.CheckpointManager(

@@ -673,3 +673,40 @@ def test_copy_build_records(tmp_path):
   with pytest.raises(FileNotFoundError, match="prepare the builder first"):
     common.build_summary(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
                                                split_seed=9), str(tmp_path / "c")))
+
+
+def test_get_builder_uses_a_copy_another_process_prepared_meanwhile(tmp_path, monkeypatch):
+  """Two runs started together on a fresh cache: TFDS's rename of the second one's copy
+  fails with FileExistsError; get_builder then uses the first one's."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sdl_jax import data  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({"name": "synthetic", "num_examples": 40, "seed": 0,
+                                   "image_size": 8, "path": None, "cache_dir": None})
+  real = synthetic.make_builder
+  calls = []
+
+  def racing_make_builder(data_config, data_dir):
+    builder = real(data_config, data_dir)
+    if not calls:  # The first builder loses the race: the other process prepares first.
+      def lose(**kwargs):
+        real(data_config, data_dir).download_and_prepare(**kwargs)
+        raise FileExistsError("Cannot rename ...: destination already exists")
+      builder.download_and_prepare = lose
+    calls.append(builder)
+    return builder
+
+  monkeypatch.setattr(synthetic, "make_builder", racing_make_builder)
+  builder = data.get_builder(cfg, str(tmp_path))
+  assert len(calls) == 2
+  assert builder.info.splits["train"].num_examples > 0
+  with pytest.raises(FileExistsError):  # One retry only: a lasting clash is an error.
+    monkeypatch.setattr(synthetic, "make_builder", lambda c, d: _raising_builder())
+    data.get_builder(cfg, str(tmp_path / "other"))
+
+
+def _raising_builder():
+  class Builder:
+    def download_and_prepare(self, **kwargs):
+      raise FileExistsError("always")
+  return Builder()

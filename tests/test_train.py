@@ -325,3 +325,21 @@ def test_default_config_learns_on_a_reduced_synthetic_set(tmp_path, cache_dir):
   assert r["test"]["accuracy"] > base["train_mean"]["accuracy"] + 0.2
   # ... and, as it must be, not better than the oracle on KL beyond noise.
   assert r["test"]["kl"] > base["oracle"]["kl"] - 0.05
+
+
+def test_checkpoints_accept_a_relative_workdir_with_dotdot(tmp_path, monkeypatch):
+  """orbax wants absolute paths; a workdir like ../runs/a (as typed on a command line)
+  once failed at the first save."""
+  from sdl_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  (tmp_path / "here").mkdir()
+  monkeypatch.chdir(tmp_path / "here")
+  state = {"w": np.arange(3, dtype=np.float32), "step": np.int32(7)}
+  ckpts = ckpt_lib.Checkpoints("../runs/a", keep=1, best_metric="kl", higher_is_better=False)
+  ckpts.save(7, state)
+  assert ckpts.save_best_if_improved(7, state, {"kl": 0.5})
+  ckpts.wait()
+  for which in ("latest", "best"):
+    got = ckpts.restore(jax.tree_util.tree_map(np.zeros_like, state), which=which)
+    np.testing.assert_array_equal(got["w"], state["w"])
+  ckpts.close()
+  assert (tmp_path / "runs" / "a" / "checkpoints" / "7").is_dir()

@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib
 import os
 
+from absl import logging
+
 BUILDERS = {
     "synthetic": "sdl_jax.data.synthetic",
     "ferplus": "sdl_jax.data.ferplus",
@@ -53,6 +55,14 @@ def get_builder(data_config, data_dir: str | None = None):
   builder = module.make_builder(data_config, data_dir)
   manual_dir = data_config.get("path") or None
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except FileExistsError:
+    # Another process (e.g. a second run started at the same time on a fresh cache)
+    # finished preparing the same version first: TFDS cannot rename its own copy over
+    # it. Use theirs; a fresh builder finds it complete and prepares nothing.
+    logging.info("%s was prepared by another process meanwhile; using that copy", name)
+    builder = module.make_builder(data_config, data_dir)
+    builder.download_and_prepare(download_config=download_config)
   return builder
