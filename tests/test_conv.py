@@ -84,3 +84,31 @@ def test_max_pool_2x2_equals_flax_max_pool(shape):
   g = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x)
   g_ref = jax.grad(lambda x: jnp.sum(ref(x) ** 2))(x)
   np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+def _first_max_pool_grad(x, g):
+  """NumPy: each 2x2 window's cotangent to its first maximum in row-major order."""
+  n, h, w, c = x.shape
+  dx = np.zeros_like(x)
+  for i in range(n):
+    for a in range(h // 2):
+      for b in range(w // 2):
+        for ch in range(c):
+          win = x[i, 2 * a:2 * a + 2, 2 * b:2 * b + 2, ch].reshape(-1)
+          k = int(np.argmax(win))  # NumPy's argmax is the first maximum.
+          dx[i, 2 * a + k // 2, 2 * b + k % 2, ch] = g[i, a, b, ch]
+  return dx
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_2x2_gradient_goes_to_the_first_maximum(ties):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
+  if ties:  # As after a ReLU: many all-zero windows, and some with two equal maxima.
+    x = np.maximum(np.round(x), 0).astype(np.float32)
+  g = rng.normal(size=(2, 3, 3, 3)).astype(np.float32)
+  _, vjp = jax.vjp(max_pool_2x2, jnp.asarray(x))
+  (got,) = vjp(jnp.asarray(g))
+  np.testing.assert_array_equal(got, _first_max_pool_grad(x, g))
+  if ties:
+    assert (x.reshape(2, 7, 6, 3)[:, :6].reshape(2, 3, 2, 3, 2, 3) == 0).all(axis=(2, 4)).any()

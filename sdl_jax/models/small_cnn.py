@@ -6,6 +6,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from sdl_jax.models.conv import conv_general_dilated
@@ -14,12 +15,45 @@ from sdl_jax.models.conv import conv_general_dilated
 def max_pool_2x2(x):
   """2x2 max-pool, stride 2, VALID (an odd last row/column is dropped), ``[N, H, W, C]``.
 
-  Written as a reshape + max: its gradient is an elementwise mask, where
-  ``nn.max_pool``'s select-and-scatter measured ~4x slower on XLA:CPU.
+  Forward: a reshape + max. Gradient (``custom_vjp``): each window's cotangent goes to
+  its first maximum in row-major order, as in PyTorch's and XLA's select-and-scatter,
+  written as four elementwise masks: one loop fusion, where ``nn.max_pool``'s
+  select-and-scatter measured ~4x slower on XLA:CPU and autodiff of the reshape + max
+  (which splits ties, e.g. all-zero windows after a ReLU) needs extra reductions.
   """
   n, h, w, c = x.shape
-  x = x[:, :h - h % 2, :w - w % 2]
+  return _max_pool_2x2_even(x[:, :h - h % 2, :w - w % 2])
+
+
+@jax.custom_vjp
+def _max_pool_2x2_even(x):
+  n, h, w, c = x.shape
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  y = _max_pool_2x2_even(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, g):
+  x, y = res
+  n, h, w, c = x.shape
+  r = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  taken = jnp.zeros(y.shape, bool)
+  rows = []
+  for a in range(2):
+    cols = []
+    for b in range(2):
+      first = (r[:, :, a, :, b, :] == y) & ~taken
+      taken = taken | first
+      cols.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+    rows.append(jnp.stack(cols, axis=3))       # [n, h/2, w/2, 2(b), c]
+  dx = jnp.stack(rows, axis=2)                   # [n, h/2, 2(a), w/2, 2(b), c]
+  return (dx.reshape(n, h, w, c),)
+
+
+_max_pool_2x2_even.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class SmallCNN(nn.Module):
