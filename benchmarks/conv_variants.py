@@ -68,12 +68,10 @@ def tap_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
                     dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                     precision=None, preferred_element_type=None):
   """The library's convolution, but dense NHWC ones get a per-tap matmul weight gradient."""
-  plain = (lhs.ndim != 4 or batch_group_count != 1 or preferred_element_type is not None
-           or precision is not None
-           or any(d != 1 for d in (lhs_dilation or (1, 1)))
-           or any(d != 1 for d in (rhs_dilation or (1, 1)))
-           or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+  plain = (precision is not None
+           or not library_conv.is_plain_nhwc(lhs.shape, rhs.shape, lhs_dilation,
+                                             rhs_dilation, dimension_numbers,
+                                             batch_group_count, preferred_element_type)
            or library_conv.is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count,
                                         batch_group_count, preferred_element_type))
@@ -81,9 +79,7 @@ def tap_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
     return library_conv.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  padding = tuple(tuple(int(v) for v in p) for p in padding)
+  padding = library_conv.explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
   return _tap_matmul(lhs, rhs, tuple(window_strides), padding, int(feature_group_count))
 
 

@@ -56,17 +56,33 @@ def depthwise_taps(x, w, strides, padding):
   return y
 
 
-def is_depthwise(lhs_shape, rhs_shape, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                 preferred_element_type=None) -> bool:
-  """Whether a ``conv_general_dilated`` call is a plain NHWC/HWIO depthwise convolution."""
-  return (len(lhs_shape) == 4 and feature_group_count > 1 and rhs_shape[2] == 1
-          and rhs_shape[3] == lhs_shape[3] == feature_group_count
-          and batch_group_count == 1 and preferred_element_type is None
+def is_plain_nhwc(lhs_shape, rhs_shape, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, batch_group_count=1,
+                  preferred_element_type=None) -> bool:
+  """Whether a ``conv_general_dilated`` call is NHWC / HWIO without dilation or batch
+  groups, and keeps the input dtype."""
+  return (len(lhs_shape) == 4 and batch_group_count == 1 and preferred_element_type is None
           and all(d == 1 for d in (lhs_dilation or (1, 1)))
           and all(d == 1 for d in (rhs_dilation or (1, 1)))
           and lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
           == lax.conv_dimension_numbers(lhs_shape, rhs_shape, _DN))
+
+
+def is_depthwise(lhs_shape, rhs_shape, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                 preferred_element_type=None) -> bool:
+  """Whether a ``conv_general_dilated`` call is a plain NHWC/HWIO depthwise convolution."""
+  return (is_plain_nhwc(lhs_shape, rhs_shape, lhs_dilation, rhs_dilation, dimension_numbers,
+                        batch_group_count, preferred_element_type)
+          and feature_group_count > 1 and rhs_shape[2] == 1
+          and rhs_shape[3] == lhs_shape[3] == feature_group_count)
+
+
+def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
+  """``padding`` ('SAME', 'VALID' or pairs) as ``((top, bottom), (left, right))`` ints."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], window_strides, padding)
+  return tuple(tuple(int(v) for v in p) for p in padding)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -78,7 +94,5 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  padding = tuple(tuple(int(v) for v in p) for p in padding)
+  padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
   return depthwise_taps(lhs, rhs, tuple(window_strides), padding)
