@@ -18,8 +18,8 @@ Presets:
   and cached) with the released recipe's optimiser (SGD momentum 0.9, new head x10).
   They need ``--config.data.path``.
 * ``ferplus``: FER+ (48 px grey faces, 10 annotators) with the small CNN from scratch
-  (widths 64/128/256, strided stem; 6 epochs, about 15 minutes on 2 CPU cores, see
-  RESULTS.md); needs
+  (widths 64/128/256, strided stem; 6 epochs: 27 minutes on one CPU core with a second
+  run on the other, see RESULTS.md); needs
   ``--config.data.path`` (the folder holding ``FER2013Train`` etc., or the
   ``ferplus.tar.gz`` archive itself).
 * ``paper``: the authors' released Caffe recipe on Flickr_LDL: ImageNet VGG-16 with a new
@@ -186,9 +186,9 @@ def _ferplus(c):
   c.data.name = "ferplus"
   c.data.protocol = "majority"
   c.model = "small_cnn"
-  # Sized so that a run fits about a quarter of an hour on 2 CPU cores: the strided stem
-  # quarters the cost; widths 64/128/256 train at ~180 images/s there (32/64/128: ~680,
-  # but underfit: 77% train accuracy after 3 epochs). See RESULTS.md.
+  # Sized so that a run fits under half an hour on this 2-core CPU: the strided stem
+  # quarters the cost; widths 64/128/256 train at ~180 images/s on both cores (32/64/128:
+  # ~680, but it underfit: 77% train accuracy after 3 epochs). See RESULTS.md.
   c.model_kwargs = ml_collections.ConfigDict(
       {"widths": (64, 128, 256), "dropout_rate": 0.3, "stem_stride": 2})
   c.image_size = 44
