@@ -1,20 +1,20 @@
 """A drop-in ``lax.conv_general_dilated`` that runs depthwise convolutions as shifted taps.
 
 XLA:CPU's depthwise convolution (``feature_group_count`` = input channels, one filter per
-channel) measured 20-40x slower than PyTorch's forward and ~10x slower in the backward
-pass. Written as the sum over kernel taps of shifted, strided slices times per-channel
+channel) measured 20-40x slower than PyTorch's in the forward pass and ~10x slower in the
+backward pass (layer micro-benchmarks, 2-core AVX2 CPU). Written as the sum over kernel taps of shifted, strided slices times per-channel
 weights,
 
     y[n, a, b, c] = sum_{i, j} xpad[n, a * sh + i, b * sw + j, c] * w[i, j, 0, c],
 
 it is one fused elementwise loop whose gradient (pads and reductions, by JAX's autodiff)
-is also fused: EfficientNet-Lite0's train step ran ~4.5x faster (README, "Performance").
+is also fused: EfficientNet-Lite0's train step ran ~4x faster (README, "Performance").
 Every other convolution is ``lax.conv_general_dilated`` unchanged: with
 ``sdl_jax.perf.FAST_CPU_XLA_FLAGS`` (set on import of ``sdl_jax``) XLA:CPU's own dense
 convolutions and their gradients are as fast as PyTorch's here. (An earlier version wrote
 the weight gradient as per-tap matmuls, which beat YNNPACK's convolution gradient but lost
-to XLA's own by ~1.6x on the small CNN.) On GPU/TPU the taps cost about what XLA's
-depthwise convolution does; they are used there too so that numerics match across devices.
+to XLA's own by ~1.7x on the small CNN.) GPU/TPU take the same path (not timed there), so
+the numerics are the same on every device.
 
 Use it as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
 """
