@@ -482,11 +482,6 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(one, tree)
 
 
-def _host(state):
-  """Unreplicated host copy of a replicated state (for checkpoints)."""
-  return unreplicate(state)
-
-
 def _load_data(config):
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -597,20 +592,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == num_train_steps
       if is_eval or is_ckpt:
         state = sync_batch_stats(state)
+        host = unreplicate(state)  # One device-to-host copy for both checkpoints.
       if is_eval:
         val = evaluate(p_eval_step, state, val_ds, prefetch)
         writer.write(step, "validation", val)
-        improved = ckpts.save_best_if_improved(step, _host(state), val)
+        improved = ckpts.save_best_if_improved(step, host, val)
         extra = ("" if config.best_metric in ("accuracy", "kl") else
                  f"  {config.best_metric} {val[config.best_metric]:.4f}")
         logging.info("validation at step %d: acc %.4f  kl %.4f%s%s", step, val["accuracy"],
                      val["kl"], extra,
                      f"  (best {config.best_metric} so far)" if improved else "")
       if is_ckpt:
-        ckpts.save(step, _host(state))
+        ckpts.save(step, host)
   if interrupted:
     state = sync_batch_stats(state)
-    ckpts.save(step, _host(state))
+    ckpts.save(step, unreplicate(state))
     ckpts.wait()
     ckpts.close()
     writer.close()
@@ -624,7 +620,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   # Test: the best checkpoint on validation, and the last step for comparison.
   test_ds, _, _ = pipeline.eval_dataset(builder, config, "test")
   last_test = evaluate(p_eval_step, state, test_ds, prefetch)
-  host_template = _host(state)
+  host_template = unreplicate(state)
   best_step = ckpts.best_step()
   if best_step is not None and best_step != step:
     best_state = replicate(ckpts.restore(host_template, "best"))
