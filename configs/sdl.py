@@ -75,6 +75,9 @@ def _base() -> ml_collections.ConfigDict:
   c.cache = False
   c.shuffle_buffer = 16_384
   c.prefetch_to_device = 2
+  # Test-time mirroring: validation, test, evaluate and predict average each image's
+  # predicted distribution with its left-right mirror's (twice the inference cost).
+  c.eval_flip = False
 
   # Loop, logging, checkpoints.
   c.log_every_steps = 50
@@ -203,6 +206,8 @@ def _ferplus(c):
   c.head_lr_mult = 1.0
   c.bias_lr_mult = 1.0
   c.batch_size = 32
+  # Faces are left-right symmetric in meaning; mirroring at test time is cheap here.
+  c.eval_flip = True
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
 

@@ -83,9 +83,9 @@ def config_for_workdir(workdir: str, given=None):
   """The config to evaluate ``workdir`` with: the one saved by training, so the model is
   the one in the checkpoint. From a ``given`` config (``--config`` on the command line)
   only where the data set lives is taken (``data.path``, ``data.cache_dir``, when set),
-  e.g. to evaluate on another machine, and the FER+ ``data.protocol`` (to measure a model
-  trained on one protocol's images on the other's); other differences are logged and
-  ignored."""
+  e.g. to evaluate on another machine, the FER+ ``data.protocol`` (to measure a model
+  trained on one protocol's images on the other's) and ``eval_flip`` (test-time
+  mirroring); other differences are logged and ignored."""
   saved = load_config(workdir)
   if given is None:
     return saved
@@ -95,8 +95,9 @@ def config_for_workdir(workdir: str, given=None):
     for key in ("path", "cache_dir", "protocol"):
       if given.data.get(key):
         saved.data[key] = given.data[key]
+    saved.eval_flip = bool(given.get("eval_flip", False))
   ignored = sorted(k for k in set(given_flat) | set(saved_flat)
-                   if k not in ("data.path", "data.cache_dir", "data.protocol")
+                   if k not in ("data.path", "data.cache_dir", "data.protocol", "eval_flip")
                    and given_flat.get(k) != saved_flat.get(k))
   if ignored:
     logging.warning("--config differs from %s/config.json in %s; the saved values (those "
@@ -202,12 +203,15 @@ def predict_split(trained: Trained, builder, split: str = "test") -> dict[str, n
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
+  from sdl_jax import models  # pylint: disable=g-import-not-at-top
   from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   model = trained.model
 
+  flip = bool(trained.config.get("eval_flip", False))
+
   @jax.pmap
   def forward(variables, x):
-    return jax.nn.softmax(model.apply(variables, x, train=False).astype(np.float32))
+    return jax.numpy.exp(models.log_probs(model.apply, variables, x, flip))
 
   variables = jax_utils.replicate(trained.variables)
   ds, _, total = pipeline.eval_dataset(builder, trained.config, split, process_index=0,

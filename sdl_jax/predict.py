@@ -146,7 +146,8 @@ class Predictor:
   """
 
   def __init__(self, model, variables, *, model_name: str, names: Sequence[str],
-               image_size: int, resize_size: int, batch_size: int = DEFAULT_BATCH):
+               image_size: int, resize_size: int, batch_size: int = DEFAULT_BATCH,
+               flip: bool = False):
     """
     Args:
       model: the flax module (``sdl_jax.models.get_model``).
@@ -156,8 +157,10 @@ class Predictor:
       image_size, resize_size: as in the training config.
       batch_size: images per forward pass; the last batch is padded to it so the
         function is compiled once.
+      flip: average each image's distribution with its mirror's (``config.eval_flip``).
     """
     import jax  # pylint: disable=g-import-not-at-top
+    from sdl_jax import models  # pylint: disable=g-import-not-at-top
     self.model = model
     self.variables = variables
     self.model_name = model_name
@@ -165,11 +168,11 @@ class Predictor:
     self.image_size = int(image_size)
     self.resize_size = int(resize_size)
     self.batch_size = int(batch_size)
+    self.flip = bool(flip)
 
     @jax.jit
     def probs_fn(variables, x):
-      logits = model.apply(variables, x, train=False)
-      return jax.nn.softmax(logits.astype(np.float32), axis=-1)
+      return jax.numpy.exp(models.log_probs(model.apply, variables, x, self.flip))
 
     self._probs_fn = probs_fn
 
@@ -187,7 +190,8 @@ class Predictor:
     loaded = evaluate.load_trained(workdir, which=which)
     return cls(loaded.model, loaded.variables, model_name=loaded.config.model,
                names=loaded.names, image_size=loaded.config.image_size,
-               resize_size=loaded.config.resize_size, batch_size=batch_size)
+               resize_size=loaded.config.resize_size, batch_size=batch_size,
+               flip=bool(loaded.config.get("eval_flip", False)))
 
   def predict_inputs(self, x) -> np.ndarray:
     """Model inputs float32 ``[N, S, S, 3]`` -> distributions float32 ``[N, C]``."""

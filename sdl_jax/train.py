@@ -179,9 +179,13 @@ def train_step(state: TrainState, batch, *, lam: float, rng):
   return new_state, jax.lax.psum(sums, AXIS)
 
 
-def eval_step(state: TrainState, batch, *, lam: float):
-  """Masked metric sums of one per-device batch, ``psum``-med over ``AXIS``."""
-  logits = state.apply_fn(_variables(state), batch["image"], train=False)
+def eval_step(state: TrainState, batch, *, lam: float, flip: bool = False):
+  """Masked metric sums of one per-device batch, ``psum``-med over ``AXIS``.
+
+  ``flip``: the prediction is the mean distribution of each image and its mirror
+  (``models.log_probs``); its log stands in for the logits in the loss and metrics.
+  """
+  logits = models.log_probs(state.apply_fn, _variables(state), batch["image"], flip)
   per_example = losses.per_example_loss(logits, batch["label"], batch["distribution"], lam)
   sums = metrics_lib.batch_sums(jax.nn.softmax(logits), batch["label"],
                                 batch["distribution"], batch["mask"], loss=per_example)
@@ -205,7 +209,9 @@ def make_pmapped_steps(config):
   rng = prng_key(config.seed)
   p_train = jax.pmap(functools.partial(train_step, lam=float(config.lam), rng=rng),
                      axis_name=AXIS, donate_argnums=(0,))
-  p_eval = jax.pmap(functools.partial(eval_step, lam=float(config.lam)), axis_name=AXIS)
+  p_eval = jax.pmap(functools.partial(eval_step, lam=float(config.lam),
+                                      flip=bool(config.get("eval_flip", False))),
+                    axis_name=AXIS)
   return p_train, p_eval
 
 
@@ -388,6 +394,8 @@ def validate_config(config) -> None:
   if config.best_metric not in metrics_lib.HIGHER_IS_BETTER:
     raise ValueError(f"config.best_metric must be one of "
                      f"{', '.join(metrics_lib.HIGHER_IS_BETTER)}, got {config.best_metric!r}")
+  if not isinstance(config.get("eval_flip", False), bool):
+    raise ValueError(f"config.eval_flip must be True or False, got {config.eval_flip!r}")
   if not 0.0 <= float(config.lam) <= 1.0:
     raise ValueError(f"config.lam must be in [0, 1], got {config.lam}")
   for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):

@@ -159,3 +159,42 @@ def test_tensorboard_events_hold_loss_learning_rate_and_metrics(trained_workdir)
   steps = [s for s, _ in scalars["train/loss"]]
   assert steps == sorted(steps) and steps[-1] == TINY_STEPS
   assert all(np.isfinite(v) and v > 0 for _, v in scalars["train/learning_rate"])
+
+
+def test_config_for_workdir_takes_eval_flip_from_the_given_config(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  saved = {"model": "small_cnn", "data": {"name": "synthetic", "path": None}}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  # A workdir trained before the setting existed: off.
+  assert not evaluate.config_for_workdir(str(tmp_path)).get("eval_flip", False)
+  given = ml_collections.ConfigDict(dict(saved, eval_flip=True, model="vgg16"))
+  got = evaluate.config_for_workdir(str(tmp_path), given)
+  assert got.eval_flip is True and got.model == "small_cnn"  # the model stays the saved one
+  given.eval_flip = False
+  assert evaluate.config_for_workdir(str(tmp_path), given).eval_flip is False
+
+
+@pytest.mark.slow
+def test_mirrored_evaluation_agrees_between_training_and_evaluate(trained_workdir, tmp_path):  # noqa: F811,E501
+  """``eval_flip``: train.eval_step (validation/test during training) and evaluate's
+  per-image predictions give the same measures, and they differ from unmirrored ones."""
+  from sdl_jax import data, train  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = evaluate.load_config(str(trained_workdir))
+  config.eval_flip = True
+  trained = evaluate.load_trained(str(trained_workdir), config=config)
+  builder = data.get_builder(config.data)
+  pred = evaluate.predict_split(trained, builder, "test")
+  by_image = evaluate.model_measures(pred["probs"], pred["label"], pred["distribution"])
+
+  state = train.replicate(evaluate.restore(config, str(trained_workdir))[0])
+  _, p_eval = train.make_pmapped_steps(config)
+  ds, _, _ = pipeline.eval_dataset(builder, config, "test")
+  by_step = train.evaluate(p_eval, state, ds)
+  for k in ("accuracy",) + metrics_lib.LDL_MEASURES:
+    assert by_image[k] == pytest.approx(by_step[k], rel=1e-4, abs=1e-5), k
+
+  config.eval_flip = False
+  plain = evaluate.predict_split(evaluate.load_trained(str(trained_workdir), config=config),
+                                 builder, "test")
+  assert not np.allclose(plain["probs"], pred["probs"], atol=1e-4)

@@ -225,3 +225,38 @@ def test_table_row_and_markdown():
   # XLA counts 2 FLOPs per multiply-add (minus products with padding) plus elementwise work.
   assert 1.5 * rows[0]["gmacs"] < rows[0]["gflops"] < 3 * rows[0]["gmacs"]
   assert "| small_cnn | 64 |" in table.markdown(rows)
+
+
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_log_probs_with_and_without_mirroring_against_numpy():
+  model = models.get_model("small_cnn", 5, widths=(4, 8))
+  x = jax.random.normal(jax.random.key(0), (3, 12, 10, 3))
+  variables = model.init(jax.random.key(1), x)
+  logits = np.asarray(model.apply(variables, x), np.float64)
+  mirrored = np.asarray(model.apply(variables, np.asarray(x)[:, :, ::-1]), np.float64)
+  assert not np.allclose(logits, mirrored)  # else the test could not tell them apart
+  np.testing.assert_allclose(models.log_probs(model.apply, variables, x),
+                             _np_log_softmax(logits), rtol=1e-5, atol=1e-5)
+  ref = np.log(0.5 * np.exp(_np_log_softmax(logits)) + 0.5 * np.exp(_np_log_softmax(mirrored)))
+  got = models.log_probs(model.apply, variables, x, flip=True)
+  assert got.dtype == jnp.float32 and got.shape == (3, 5)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_log_probs_mirrored_stays_finite_where_softmax_underflows():
+  # Image and mirror confidently disagree: each softmax has exact zeros in float32.
+  def apply_fn(variables, x, train):
+    del variables, train
+    sign = jnp.where(x[:, 0, 0, 0] > 0, 1.0, -1.0)[:, None]
+    return sign * jnp.array([[200.0, -200.0, 0.0]])
+
+  x = jnp.zeros((1, 1, 2, 3)).at[0, 0, 0, 0].set(1.0)
+  out = np.asarray(models.log_probs(apply_fn, None, x, flip=True))
+  assert np.isfinite(out).all()
+  np.testing.assert_allclose(np.exp(out), [[0.5, 0.5, 0.0]], atol=1e-6)
+  np.testing.assert_allclose(out[0, :2], np.log(0.5), rtol=1e-6)

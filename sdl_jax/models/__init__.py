@@ -85,6 +85,24 @@ def preprocess(name: str, images):
   return (jnp.asarray(images, jnp.float32) - mean) / std
 
 
+def log_probs(apply_fn, variables, images, flip: bool = False):
+  """Log-probabilities float32 ``[N, C]`` of a model in inference mode on ``images``
+  ``[N, H, W, 3]``.
+
+  ``flip``: test-time mirroring. The prediction is the mean of the softmax distributions
+  of the image and of its left-right mirror, ``p = (softmax(f(x)) + softmax(f(x')))/2``,
+  returned as ``log p = logsumexp(log_softmax(f(x)), log_softmax(f(x'))) - log 2``: finite
+  even where one softmax underflows, and usable as logits (``softmax(log p) = p``).
+  """
+  logits = apply_fn(variables, images, train=False).astype(jnp.float32)
+  out = jax.nn.log_softmax(logits)
+  if flip:
+    mirrored = apply_fn(variables, images[:, :, ::-1], train=False).astype(jnp.float32)
+    both = jnp.stack([out, jax.nn.log_softmax(mirrored)])
+    out = jax.nn.logsumexp(both, axis=0) - jnp.log(2.0).astype(jnp.float32)
+  return out
+
+
 def count_params(variables) -> int:
   """Number of scalars in the ``params`` collection of ``variables`` (or in ``variables``
   itself when it has no ``params`` key); BatchNorm statistics are not parameters."""
