@@ -112,6 +112,11 @@ def _base() -> ml_collections.ConfigDict:
   d.sigma = 1.0              # = sdl_jax.distributions.DEFAULT_SIGMA
   d.eps = 0.1                # = sdl_jax.distributions.DEFAULT_EPS
   d.lenient = False          # skip bad label rows (logged, counted) instead of failing
+  # Where the images are, when not beside the label file (votes_csv, LDL sets; absolute
+  # or relative to data.path), and the LDL sets' label file if not ground_truth.txt.
+  d.image_dir = config_dict.placeholder(str)
+  d.label_file = config_dict.placeholder(str)
+  d.channels = 3             # folders / votes_csv: 3 (RGB) or 1 (grey) images
   return c
 
 

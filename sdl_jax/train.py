@@ -394,8 +394,6 @@ def validate_config(config) -> None:
   if config.best_metric not in metrics_lib.HIGHER_IS_BETTER:
     raise ValueError(f"config.best_metric must be one of "
                      f"{', '.join(metrics_lib.HIGHER_IS_BETTER)}, got {config.best_metric!r}")
-  if not isinstance(config.get("eval_flip", False), bool):
-    raise ValueError(f"config.eval_flip must be True or False, got {config.eval_flip!r}")
   if not 0.0 <= float(config.lam) <= 1.0:
     raise ValueError(f"config.lam must be in [0, 1], got {config.lam}")
   for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):

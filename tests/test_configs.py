@@ -74,6 +74,12 @@ def test_overrides_from_the_command_line():
   assert tuple(c.model_kwargs.widths) == (8, 16) and c.num_train_steps == 7
   c = _parse(f"--config={CONFIG}:emotion6", "--config.data.path=/some/where")
   assert c.data.path == "/some/where"
+  # The data sets' optional locations and image mode are fields too.
+  c = _parse(f"--config={CONFIG}:flickr_ldl", "--config.data.image_dir=imgs",
+             "--config.data.label_file=labels.txt", "--config.data.channels=1",
+             "--config.eval_flip=True")
+  assert (c.data.image_dir, c.data.label_file, c.data.channels, c.eval_flip) == (
+      "imgs", "labels.txt", 1, True)
 
 
 def test_unknown_field_and_preset_are_errors():
