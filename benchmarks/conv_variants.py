@@ -6,6 +6,9 @@ model module for one run, so whole-model effects are measured by the same tool. 
 
 * ``library``: unchanged;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
+* ``no_pointwise``: the library without its 1x1 path (``pointwise``): 1x1 convolutions by
+  ``lax.conv_general_dilated`` and its autodiff gradient, depthwise ones as taps (the
+  library before session 3);
 * ``tap_matmul_dw``: the weight gradient of every non-depthwise convolution as per-tap
   matmuls (``tap_matmul_conv``; the library's convolution before the XLA flag was found),
   depthwise ones as in ``library``.
@@ -83,10 +86,26 @@ def tap_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
   return _tap_matmul(lhs, rhs, tuple(window_strides), padding, int(feature_group_count))
 
 
+def no_pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                      dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                      precision=None, preferred_element_type=None):
+  """The library's convolution with 1x1 ones left to ``lax.conv_general_dilated``."""
+  if library_conv.is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
+                               dimension_numbers, feature_group_count, batch_group_count,
+                               preferred_element_type):
+    return library_conv.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type)
+
+
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
     "tap_matmul_dw": tap_matmul_conv,
+    "no_pointwise": no_pointwise_conv,
 }
 
 

@@ -19,6 +19,9 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
     (8, 4, 8, 1, (1, 1), "VALID", 1),
     (11, 6, 6, 5, (2, 2), ((0, 1), (0, 1)), 6),  # depthwise, TF-style asymmetric pad
     (10, 4, 8, 3, (1, 2), ((1, 1), (2, 0)), 2),  # grouped, mixed strides
+    (9, 5, 7, 1, (2, 2), "SAME", 1),   # 1x1, strided, odd size: pointwise path
+    (7, 3, 4, 1, (2, 1), "VALID", 1),  # 1x1, mixed strides
+    (6, 3, 4, 1, (1, 1), ((1, 0), (0, 1)), 1),  # 1x1 with padding: lax
 ]
 
 
@@ -55,6 +58,9 @@ def test_check_grads_float64():
     f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN,
                                feature_group_count=3)
     check_grads(f, (x, wd), order=2, modes=["fwd", "rev"])
+    w1 = jnp.asarray(rng.normal(size=(1, 1, 3, 5)))  # 1x1: the pointwise VJP
+    f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN)
+    check_grads(f, (x, w1), order=2, modes=["rev"])
   finally:
     jax.config.update("jax_enable_x64", False)
 
@@ -112,3 +118,16 @@ def test_max_pool_2x2_gradient_goes_to_the_first_maximum(ties):
   np.testing.assert_array_equal(got, _first_max_pool_grad(x, g))
   if ties:
     assert (x.reshape(2, 7, 6, 3)[:, :6].reshape(2, 3, 2, 3, 2, 3) == 0).all(axis=(2, 4)).any()
+
+
+def test_pointwise_gradient_is_a_dot_not_a_convolution():
+  """The point of the 1x1 path: no convolution (and its operand transposes) in the step."""
+  x = jnp.ones((2, 5, 5, 3))
+  w = jnp.ones((1, 1, 3, 4))
+  grad = jax.grad(lambda x, w: jnp.sum(fast_conv(x, w, (1, 1), "SAME",
+                                                 dimension_numbers=DN) ** 2), argnums=(0, 1))
+  text = str(jax.make_jaxpr(grad)(x, w))
+  assert "conv_general_dilated" not in text and "dot_general" in text
+  grad3 = jax.grad(lambda x, w: jnp.sum(fast_conv(x, w, (1, 1), "SAME",
+                                                  dimension_numbers=DN) ** 2), argnums=(0, 1))
+  assert "conv_general_dilated" in str(jax.make_jaxpr(grad3)(x, jnp.ones((3, 3, 3, 4))))
