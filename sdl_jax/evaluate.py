@@ -348,6 +348,7 @@ def evaluate_workdir(workdir: str, config=None, split: str = "test", which: str 
   evaluation = {
       "split": split, "count": int(len(labels)), "names": list(names),
       "checkpoint": {"which": trained.which, "step": trained.step},
+      "eval_flip": bool(trained.config.get("eval_flip", False)),
       "data": builder.info.full_name,
       "command": command,
       "model": model_measures(probs, labels, dists),

@@ -141,8 +141,8 @@ def evaluation_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) 
   Args:
     results: as written to ``results.json`` by ``sdl_jax.evaluate`` (keys ``split``,
       ``count``, ``model``, ``baselines``, ``per_emotion``, ``checkpoint``, ``command``,
-      ``names``, ``confusion_matrix``; ``oracle`` and ``training`` (facts of the
-      training run: model, data, lam, steps) optional).
+      ``names``, ``confusion_matrix``; ``oracle``, ``eval_flip`` and ``training`` (facts
+      of the training run: model, data, lam, steps) optional).
     figures: title -> PNG path relative to the report (embedded in that order).
   """
   split, n = results["split"], results["count"]
@@ -154,6 +154,9 @@ def evaluation_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) 
     step = ckpt.get("step")
     out.append(f"Checkpoint: {ckpt.get('which', '?')}"
                + (f" (step {step})" if step is not None else "") + ".\n")
+  if results.get("eval_flip"):
+    out.append("Predictions: the mean of each image's and its mirror image's distributions "
+               "(`eval_flip`).\n")
   facts = results.get("training") or {}
   if facts:
     described = ", ".join(f"{k} {facts[k]}" for k in
