@@ -194,6 +194,13 @@ def test_mirrored_evaluation_agrees_between_training_and_evaluate(trained_workdi
   for k in ("accuracy",) + metrics_lib.LDL_MEASURES:
     assert by_image[k] == pytest.approx(by_step[k], rel=1e-4, abs=1e-5), k
 
+  workdir = tmp_path / "w"
+  shutil.copytree(trained_workdir, workdir)
+  ev = evaluate.evaluate_workdir(str(workdir), config=config, num_gallery=1)
+  assert ev["eval_flip"] is True
+  assert ev["model"]["kl"] == pytest.approx(by_image["kl"], rel=1e-5)
+  assert "mirror image" in (workdir / "report.md").read_text()
+
   config.eval_flip = False
   plain = evaluate.predict_split(evaluate.load_trained(str(trained_workdir), config=config),
                                  builder, "test")
