@@ -186,7 +186,23 @@ print("RESULT", r["test"]["count"], repr(r["test"]["kl"]), r["start_step"])
 '''
 
 
-def _run_pair(script_args, timeout=600):
+# jaxlib's Gloo key exchange gives a peer a fixed 30 s to reach a process's first
+# collective; on a loaded 2-core machine one worker can be that late (seen once in a full
+# suite, never alone). Such a pair is run once more; any other failure fails the test.
+GLOO_TIMEOUT = "Gloo context initialization failed: DEADLINE_EXCEEDED"
+
+
+def _run_pair(script_args, timeout=600, retries=1):
+  try:
+    return _run_pair_once(script_args, timeout)
+  except AssertionError as e:
+    if retries > 0 and GLOO_TIMEOUT in str(e):
+      print(f"retrying the pair after a Gloo key-exchange timeout: {str(e)[-300:]}")
+      return _run_pair(script_args, timeout, retries - 1)
+    raise
+
+
+def _run_pair_once(script_args, timeout):
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, "-c", E2E_WORKER, str(i), port, *script_args],
                             env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -199,6 +215,10 @@ def _run_pair(script_args, timeout=600):
       for q in procs:
         q.kill()
       raise
+    if p.returncode != 0:
+      for q in procs:  # the peer must not go on writing the workdir of a retry
+        q.kill()
+        q.wait()
     assert p.returncode == 0, out[-4000:]
     outs.append(out)
   return outs
