@@ -7,8 +7,10 @@ model module for one run, so whole-model effects are measured by the same tool. 
 * ``library``: unchanged;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
 * ``no_pointwise``: the library without its 1x1 path (``pointwise``): 1x1 convolutions by
-  ``lax.conv_general_dilated`` and its autodiff gradient, depthwise ones as taps (the
-  library before session 3);
+  ``lax.conv_general_dilated`` and its autodiff gradient, depthwise ones as in ``library``;
+* ``taps_autodiff``: the library with depthwise convolutions as taps differentiated by
+  autodiff (``depthwise_taps``) instead of the hand-written VJP (``depthwise``): one
+  reduction per tap for the weight gradient (the library before session 4);
 * ``tap_matmul_dw``: the weight gradient of every non-depthwise convolution as per-tap
   matmuls (``tap_matmul_conv``; the library's convolution before the XLA flag was found),
   depthwise ones as in ``library``.
@@ -101,11 +103,26 @@ def no_pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
       feature_group_count, batch_group_count, precision, preferred_element_type)
 
 
+def taps_autodiff_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                       rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                       batch_group_count=1, precision=None, preferred_element_type=None):
+  """The library's convolution with depthwise ones differentiated by autodiff of the taps."""
+  if library_conv.is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
+                               dimension_numbers, feature_group_count, batch_group_count,
+                               preferred_element_type):
+    padding = library_conv.explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
+    return library_conv.depthwise_taps(lhs, rhs, tuple(window_strides), padding)
+  return library_conv.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type)
+
+
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
     "tap_matmul_dw": tap_matmul_conv,
     "no_pointwise": no_pointwise_conv,
+    "taps_autodiff": taps_autodiff_conv,
 }
 
 

@@ -82,7 +82,8 @@ def parse_args(argv=None):
   g.add_argument("--no_donate", action="store_true", help="local step: no donation")
   g.add_argument("--conv", default="library",
                  help="convolution implementation swapped into the models, for experiments "
-                      "(benchmarks/conv_variants.py): library, lax, tap_matmul_dw, no_pointwise")
+                      "(benchmarks/conv_variants.py): library, lax, tap_matmul_dw, no_pointwise, "
+                      "taps_autodiff")
   g.add_argument("--xla_flags", default="",
                  help="space-separated flags appended to $XLA_FLAGS before JAX starts")
   g.add_argument("--torch", default="auto", choices=("auto", "cpu", "cuda", "none"),

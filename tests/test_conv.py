@@ -8,8 +8,9 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from benchmarks.conv_variants import tap_matmul_conv
+from benchmarks.conv_variants import tap_matmul_conv, taps_autodiff_conv
 from sdl_jax.models.conv import conv_general_dilated as fast_conv
+from sdl_jax.models.conv import depthwise_weight_grad
 from sdl_jax.models.small_cnn import max_pool_2x2
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -25,7 +26,8 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
 ]
 
 
-@pytest.mark.parametrize("impl", [fast_conv, tap_matmul_conv], ids=["library", "tap_matmul"])
+@pytest.mark.parametrize("impl", [fast_conv, tap_matmul_conv, taps_autodiff_conv],
+                         ids=["library", "tap_matmul", "taps_autodiff"])
 @pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", CASES)
 def test_value_and_gradients_equal_lax(impl, h, cin, cout, k, strides, padding, groups):
   rng = np.random.default_rng(h + k)
@@ -54,10 +56,11 @@ def test_check_grads_float64():
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
     f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN)
     check_grads(f, (x, w), order=1, modes=["rev"])
-    wd = jnp.asarray(rng.normal(size=(3, 3, 1, 3)))  # depthwise: the taps path
-    f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN,
-                               feature_group_count=3)
-    check_grads(f, (x, wd), order=2, modes=["fwd", "rev"])
+    wd = jnp.asarray(rng.normal(size=(3, 3, 1, 3)))  # depthwise: taps, hand-written VJP
+    for strides in [(2, 2), (1, 1)]:
+      f = lambda x, w: fast_conv(x, w, strides, "SAME", dimension_numbers=DN,
+                                 feature_group_count=3)
+      check_grads(f, (x, wd), order=2, modes=["rev"])
     w1 = jnp.asarray(rng.normal(size=(1, 1, 3, 5)))  # 1x1: the pointwise VJP
     f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN)
     check_grads(f, (x, w1), order=2, modes=["rev"])
@@ -131,3 +134,51 @@ def test_pointwise_gradient_is_a_dot_not_a_convolution():
   grad3 = jax.grad(lambda x, w: jnp.sum(fast_conv(x, w, (1, 1), "SAME",
                                                   dimension_numbers=DN) ** 2), argnums=(0, 1))
   assert "conv_general_dilated" in str(jax.make_jaxpr(grad3)(x, jnp.ones((3, 3, 3, 4))))
+
+
+def _depthwise_weight_grad_reference(x, dy, k, strides, padding):
+  """NumPy, float64: dW[i, j, 0, c] = sum_{n,a,b} xpad[n, a*sh + i, b*sw + j, c] dy[n, a, b, c]."""
+  (pt, pb), (pl, pr) = padding
+  xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  n, ho, wo, c = dy.shape
+  dw = np.zeros((k, k, 1, c))
+  for i in range(k):
+    for j in range(k):
+      for a in range(ho):
+        for b in range(wo):
+          dw[i, j, 0] += (xp[:, a * strides[0] + i, b * strides[1] + j] * dy[:, a, b]).sum(0)
+  return dw
+
+
+@pytest.mark.parametrize("h,k,strides,padding", [
+    (9, 3, (1, 1), ((1, 1), (1, 1))),
+    (11, 5, (2, 2), ((1, 2), (1, 2))),
+    (8, 3, (2, 1), ((0, 1), (1, 1))),
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_depthwise_weight_gradient_equals_reference(h, k, strides, padding, dtype):
+  rng = np.random.default_rng(h)
+  x = rng.normal(size=(3, h, h + 2, 5)).astype(np.float32)
+  ho = (h + sum(padding[0]) - k) // strides[0] + 1
+  wo = (h + 2 + sum(padding[1]) - k) // strides[1] + 1
+  dy = rng.normal(size=(3, ho, wo, 5)).astype(np.float32)
+  got = depthwise_weight_grad(jnp.asarray(x, dtype), jnp.asarray(dy, dtype), (k, k), strides,
+                              padding)
+  assert got.dtype == jnp.float32  # bfloat16 products are summed in float32
+  # The reference sees the same (rounded) inputs, so float32 sums leave only their own error.
+  want = _depthwise_weight_grad_reference(np.asarray(jnp.asarray(x, dtype), np.float64),
+                                          np.asarray(jnp.asarray(dy, dtype), np.float64),
+                                          k, strides, padding)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_weight_gradient_is_one_reduction():
+  """The point of the depthwise VJP: all taps summed by one (variadic) reduce, no conv."""
+  x = jnp.ones((2, 6, 6, 4))
+  w = jnp.ones((3, 3, 1, 4))
+  grad = jax.grad(lambda w: jnp.sum(fast_conv(x, w, (1, 1), "SAME", dimension_numbers=DN,
+                                              feature_group_count=4) ** 2))
+  text = str(jax.make_jaxpr(grad)(w))
+  assert "conv_general_dilated" not in text
+  assert text.count("= reduce[") == 1  # the nine taps' products, one pass
+  assert "reduce_sum[axes=(0, 1, 2)" not in text  # no per-tap reductions (autodiff's)
