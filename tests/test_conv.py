@@ -19,6 +19,9 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
     (9, 4, 6, 3, (2, 2), "SAME", 1),
     (8, 4, 8, 1, (1, 1), "VALID", 1),
     (11, 6, 6, 5, (2, 2), ((0, 1), (0, 1)), 6),  # depthwise, TF-style asymmetric pad
+    (9, 4, 4, 3, (1, 1), "SAME", 4),  # depthwise, stride 1: input gradient as correlation
+    (8, 6, 6, 5, (1, 1), ((2, 1), (0, 3)), 6),  # ... asymmetric padding
+    (8, 3, 3, 3, (1, 1), ((3, 0), (1, 1)), 3),  # ... padding past the kernel: autodiff
     (10, 4, 8, 3, (1, 2), ((1, 1), (2, 0)), 2),  # grouped, mixed strides
     (9, 5, 7, 1, (2, 2), "SAME", 1),   # 1x1, strided, odd size: pointwise path
     (7, 3, 4, 1, (2, 1), "VALID", 1),  # 1x1, mixed strides
