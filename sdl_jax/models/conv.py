@@ -8,8 +8,9 @@ weights,
 
     y[n, a, b, c] = sum_{i, j} xpad[n, a * sh + i, b * sw + j, c] * w[i, j, 0, c],
 
-it is one fused elementwise loop whose gradient (pads and reductions, by JAX's autodiff)
-is also fused: EfficientNet-Lite0's train step ran ~4x faster (README, "Performance").
+it is one fused elementwise loop: EfficientNet-Lite0's train step ran ~4x faster (README,
+"Performance"). Its gradient is written by hand (``depthwise``): the weight gradient as one
+variadic reduction over all taps, the stride-1 input gradient as taps again.
 1x1 convolutions (most of ResNet-50's and EfficientNet's) are ``pointwise``: see its
 docstring for why their gradient is written by hand.
 Every other convolution is ``lax.conv_general_dilated`` unchanged: with
