@@ -99,8 +99,11 @@ def _depthwise_bwd(strides, padding, res, dy):
     dx = depthwise_input_grad(dy, w, padding)
   else:
     (dx,) = jax.vjp(lambda x_: depthwise_taps(x_, w, strides, padding), x)[1](dy)
-  dw = depthwise_weight_grad(x, dy, w.shape[:2], strides, padding)
+  dw = depthwise_weight_grad(x, dy, (kh, kw), strides, padding)
   return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def depthwise_input_grad(dy, w, padding):
@@ -117,9 +120,6 @@ def depthwise_input_grad(dy, w, padding):
   (pt, pb), (pl, pr) = padding
   return depthwise_taps(dy, w[::-1, ::-1], (1, 1),
                         ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
-
-
-_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def depthwise_weight_grad(x, dy, kernel, strides, padding):
