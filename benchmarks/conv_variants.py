@@ -1,4 +1,5 @@
-"""Convolution implementations the benchmark can swap into the models (``--conv``).
+"""Convolution implementations the benchmark can swap into the models (``--conv``), and
+ResNet-50's earlier BatchNorm (``--norm``) and max-pool (``--pool``).
 
 For experiments only: the library's models use ``sdl_jax.models.conv.conv_general_dilated``
 (XLA's own convolutions, depthwise ones as shifted taps); ``--conv`` replaces it in every
@@ -11,6 +12,9 @@ model module for one run, so whole-model effects are measured by the same tool. 
 * ``taps_autodiff``: the library with depthwise convolutions as taps differentiated by
   autodiff (``depthwise_taps``) instead of the hand-written VJP (``depthwise``): one
   reduction per tap for the weight gradient (the library before session 4);
+* ``no_strided``: the library with dense strided convolutions (ResNet-50's stride-2 3x3 and
+  7x7 ones, EfficientNet's 3x3 stem) left to ``lax.conv_general_dilated`` and its autodiff
+  weight gradient instead of ``strided`` (the library before session 5);
 * ``tap_matmul_dw``: the weight gradient of every non-depthwise convolution as per-tap
   matmuls (``tap_matmul_conv``; the library's convolution before the XLA flag was found),
   depthwise ones as in ``library``.
@@ -20,12 +24,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from sdl_jax.models import conv as library_conv
+from sdl_jax.models import norm as library_norm
+from sdl_jax.models import resnet as library_resnet
 
 _DN = ("NHWC", "HWIO", "NHWC")
 MODEL_MODULES = ("sdl_jax.models.small_cnn", "sdl_jax.models.vgg", "sdl_jax.models.resnet",
@@ -117,13 +125,73 @@ def taps_autodiff_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
       feature_group_count, batch_group_count, precision, preferred_element_type)
 
 
+def no_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                    dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                    precision=None, preferred_element_type=None):
+  """The library's convolution with dense strided ones left to ``lax.conv_general_dilated``."""
+  args = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+          batch_group_count, precision, preferred_element_type)
+  if (feature_group_count == 1 and any(s > 1 for s in window_strides)
+      and tuple(rhs.shape[:2]) != (1, 1)):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args)
+  return library_conv.conv_general_dilated(lhs, rhs, window_strides, padding, *args)
+
+
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
     "tap_matmul_dw": tap_matmul_conv,
     "no_pointwise": no_pointwise_conv,
+    "no_strided": no_strided_conv,
     "taps_autodiff": taps_autodiff_conv,
 }
+
+
+class FlaxBatchNorm(nn.Module):
+  """``--norm=flax``: ``flax.linen.BatchNorm`` (autodiff gradient), then the residual and the
+  ReLU as separate ops: ResNet-50's normalisation before session 5. Same call signature as
+  ``sdl_jax.models.norm.BatchNorm``; its variables sit one level deeper (benchmarks only)."""
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  relu: bool = False
+
+  @nn.compact
+  def __call__(self, x, residual=None):
+    y = nn.BatchNorm(use_running_average=self.use_running_average, momentum=self.momentum,
+                     epsilon=self.epsilon, dtype=self.dtype)(x)
+    if residual is not None:
+      y = y + residual
+    return nn.relu(y) if self.relu else y
+
+
+def autodiff_max_pool_3x3_s2(x):
+  """``--pool=autodiff``: the 3x3/2 max-pool as the maximum of nine strided slices of the
+  -inf padded input, differentiated by autodiff (ResNet-50's before session 5)."""
+  n, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for a in range(3):
+    for b in range(3):
+      s = xp[:, a:a + 2 * (ho - 1) + 1:2, b:b + 2 * (wo - 1) + 1:2]
+      out = s if out is None else jnp.maximum(out, s)
+  return out
+
+
+NORMS = {"library": library_norm.BatchNorm, "flax": FlaxBatchNorm}
+POOLS = {"library": library_resnet.max_pool_3x3_s2, "autodiff": autodiff_max_pool_3x3_s2}
+
+
+def use_resnet_ops(norm: str = "library", pool: str = "library") -> None:
+  """Makes ResNet-50 build its BatchNorm and max-pool from variants ``norm`` and ``pool``."""
+  if norm not in NORMS:
+    raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {norm!r}")
+  if pool not in POOLS:
+    raise ValueError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+  library_resnet.BatchNorm = NORMS[norm]
+  library_resnet.max_pool_3x3_s2 = POOLS[pool]
 
 
 def use(name: str) -> None:

@@ -83,7 +83,13 @@ def parse_args(argv=None):
   g.add_argument("--conv", default="library",
                  help="convolution implementation swapped into the models, for experiments "
                       "(benchmarks/conv_variants.py): library, lax, tap_matmul_dw, no_pointwise, "
-                      "taps_autodiff")
+                      "no_strided, taps_autodiff")
+  g.add_argument("--norm", default="library", choices=["library", "flax"],
+                 help="ResNet-50's BatchNorm, for experiments: library (hand-written gradient, "
+                      "ReLU and residual fused) or flax (flax.linen.BatchNorm, autodiff)")
+  g.add_argument("--pool", default="library", choices=["library", "autodiff"],
+                 help="ResNet-50's 3x3/2 max-pool, for experiments: library (hand-written "
+                      "gradient) or autodiff (of nine strided slices)")
   g.add_argument("--xla_flags", default="",
                  help="space-separated flags appended to $XLA_FLAGS before JAX starts")
   g.add_argument("--torch", default="auto", choices=("auto", "cpu", "cuda", "none"),
@@ -161,6 +167,8 @@ def environment(args, torch_device) -> dict:
       "device_kind": jax.local_devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "conv": args.conv,
+      "norm": args.norm,
+      "pool": args.pool,
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
   }
@@ -371,7 +379,10 @@ def markdown(results: dict) -> str:
            f"- threads: XLA intra-op pool {env['xla_threads']} (one per CPU)"
            + (f"; torch {env['torch_threads']} intra-op, {env['torch_interop_threads']} "
               f"inter-op, {env['torch_layout']}" if env.get("torch") else ""),
-           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}", ""]
+           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}; "
+           f"ResNet BatchNorm: {env.get('norm', 'library')}, "
+           f"max-pool: {env.get('pool', 'library')}",
+           ""]
   peak = results.get("peak")
   if peak:
     lines += [f"Matmul peak ({peak['n']}x{peak['n']}, {peak['dtype']}): "
@@ -463,6 +474,9 @@ def main(argv=None) -> dict:
   if args.conv != "library":
     from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
     conv_variants.use(args.conv)
+  if (args.norm, args.pool) != ("library", "library"):
+    from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
+    conv_variants.use_resnet_ops(args.norm, args.pool)
   results = {"env": environment(args, torch_device)}
   log(f"devices: {results['env']['devices']}")
 

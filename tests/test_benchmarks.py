@@ -220,3 +220,24 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
     assert heading in report
   assert "| small_cnn | 16 | 4 | float32 |" in report
   assert report.strip() in proc.stdout
+
+
+@pytest.mark.slow
+def test_resnet_op_variants_compute_the_same():
+  """``--norm=flax --pool=autodiff`` swaps in ResNet-50's earlier ops: same numbers."""
+  from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
+  from sdl_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model("resnet50", 5, stage_sizes=(1, 1, 1, 1))
+  x = np.random.default_rng(0).normal(size=(2, 35, 35, 3)).astype(np.float32)
+  outs = []
+  try:
+    for norm, pool in [("library", "library"), ("flax", "autodiff")]:
+      conv_variants.use_resnet_ops(norm, pool)
+      variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+      outs.append(jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                                   mutable=["batch_stats"])[0])(variables, x))
+  finally:
+    conv_variants.use_resnet_ops()
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="--norm must be one of"):
+    conv_variants.use_resnet_ops("batch")

@@ -8,15 +8,18 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from benchmarks.conv_variants import tap_matmul_conv, taps_autodiff_conv
+from benchmarks.conv_variants import no_strided_conv, tap_matmul_conv, taps_autodiff_conv
 from sdl_jax.models.conv import conv_general_dilated as fast_conv
-from sdl_jax.models.conv import depthwise_weight_grad
+from sdl_jax.models.conv import depthwise_weight_grad, strided_weight_grad
 from sdl_jax.models.small_cnn import max_pool_2x2
 
 DN = ("NHWC", "HWIO", "NHWC")
 CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
     (9, 4, 6, 3, (1, 1), "SAME", 1),
-    (9, 4, 6, 3, (2, 2), "SAME", 1),
+    (9, 4, 6, 3, (2, 2), "SAME", 1),  # dense strided: the space-to-depth weight gradient
+    (10, 3, 5, 7, (2, 2), ((3, 3), (3, 3)), 1),  # ... ResNet's 7x7/2 stem
+    (10, 4, 6, 3, (3, 2), "VALID", 1),  # ... rows and columns no window reads
+    (11, 2, 3, 4, (2, 3), ((0, 2), (1, 0)), 1),  # ... even kernel, asymmetric padding
     (8, 4, 8, 1, (1, 1), "VALID", 1),
     (11, 6, 6, 5, (2, 2), ((0, 1), (0, 1)), 6),  # depthwise, TF-style asymmetric pad
     (9, 4, 4, 3, (1, 1), "SAME", 4),  # depthwise, stride 1: input gradient as correlation
@@ -29,8 +32,9 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
 ]
 
 
-@pytest.mark.parametrize("impl", [fast_conv, tap_matmul_conv, taps_autodiff_conv],
-                         ids=["library", "tap_matmul", "taps_autodiff"])
+@pytest.mark.parametrize("impl", [fast_conv, tap_matmul_conv, taps_autodiff_conv,
+                                  no_strided_conv],
+                         ids=["library", "tap_matmul", "taps_autodiff", "no_strided"])
 @pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", CASES)
 def test_value_and_gradients_equal_lax(impl, h, cin, cout, k, strides, padding, groups):
   rng = np.random.default_rng(h + k)
@@ -57,8 +61,9 @@ def test_check_grads_float64():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)))
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
-    f = lambda x, w: fast_conv(x, w, (2, 2), "SAME", dimension_numbers=DN)
-    check_grads(f, (x, w), order=1, modes=["rev"])
+    for strides in [(2, 2), (1, 1)]:  # strided: the space-to-depth VJP; stride 1: lax
+      f = lambda x, w: fast_conv(x, w, strides, "SAME", dimension_numbers=DN)
+      check_grads(f, (x, w), order=2, modes=["rev"])
     wd = jnp.asarray(rng.normal(size=(3, 3, 1, 3)))  # depthwise: taps, hand-written VJP
     for strides in [(2, 2), (1, 1)]:
       f = lambda x, w: fast_conv(x, w, strides, "SAME", dimension_numbers=DN,
@@ -185,3 +190,45 @@ def test_depthwise_weight_gradient_is_one_reduction():
   assert "conv_general_dilated" not in text
   assert text.count("= reduce[") == 1  # the nine taps' products, one pass
   assert "reduce_sum[axes=(0, 1, 2)" not in text  # no per-tap reductions (autodiff's)
+
+
+def _dense_weight_grad_reference(x, dy, k, strides, padding):
+  """NumPy, float64: dW[i, j, c, o] = sum_{n,a,b} xpad[n, a*sh + i, b*sw + j, c] dy[n, a, b, o]."""
+  (pt, pb), (pl, pr) = padding
+  xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  n, ho, wo, co = dy.shape
+  dw = np.zeros((k[0], k[1], x.shape[3], co))
+  for i in range(k[0]):
+    for j in range(k[1]):
+      for a in range(ho):
+        for b in range(wo):
+          dw[i, j] += xp[:, a * strides[0] + i, b * strides[1] + j].T @ dy[:, a, b]
+  return dw
+
+
+@pytest.mark.parametrize("h,k,strides,padding", [
+    (12, (7, 7), (2, 2), ((3, 3), (3, 3))),  # ResNet's stem
+    (9, (3, 3), (2, 2), ((1, 1), (1, 1))),  # a stride-2 3x3: odd size
+    (10, (3, 2), (3, 2), ((0, 0), (1, 0))),  # the last rows read by no window
+    (8, (5, 3), (2, 1), ((2, 2), (0, 2))),
+])
+def test_strided_weight_gradient_equals_reference(h, k, strides, padding):
+  rng = np.random.default_rng(h)
+  x = rng.normal(size=(2, h, h + 1, 3)).astype(np.float32)
+  ho = (h + sum(padding[0]) - k[0]) // strides[0] + 1
+  wo = (h + 1 + sum(padding[1]) - k[1]) // strides[1] + 1
+  dy = rng.normal(size=(2, ho, wo, 4)).astype(np.float32)
+  got = strided_weight_grad(jnp.asarray(x), jnp.asarray(dy), k, strides, padding)
+  np.testing.assert_allclose(got, _dense_weight_grad_reference(x, dy, k, strides, padding),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_strided_weight_gradient_has_no_dilated_kernel():
+  """The point of the strided VJP: autodiff's weight gradient convolves with the output
+  gradient dilated by the stride (``rhs_dilation=(2, 2)``); the library's with none."""
+  x = jnp.ones((2, 9, 9, 3))
+  w = jnp.ones((3, 3, 3, 4))
+  loss = lambda conv: (lambda w: jnp.sum(conv(x, w, (2, 2), "SAME", dimension_numbers=DN) ** 2))
+  assert "rhs_dilation=(2, 2)" in str(jax.make_jaxpr(jax.grad(loss(lax.conv_general_dilated)))(w))
+  text = str(jax.make_jaxpr(jax.grad(loss(fast_conv)))(w))
+  assert "conv_general_dilated" in text and "rhs_dilation=(2, 2)" not in text

@@ -76,6 +76,49 @@ def test_equals_torch_reference_full(name, size):
   assert _compare_with_torch(name, size, batch=1 if name == "vgg16" else 2) <= TOL
 
 
+@requires_torch
+def test_resnet_train_mode_gradients_equal_torch():
+  """Train mode (batch statistics), end to end against PyTorch's autograd: the hand-written
+  gradients of BatchNorm (+ ReLU, + residual), the max-pool and the strided convolutions
+  (stem and stride-2 3x3) inside a reduced ResNet-50. In float64: in float32 the batch
+  statistics of these tiny maps amplify rounding to ~0.5% in the stem's gradient, on
+  either side."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    torch.manual_seed(0)
+    kwargs = dict(stage_sizes=(1, 1, 1, 1))
+    tm = randomize_(make_torch_model("resnet50", 10, **kwargs), 0).train().double()
+    variables = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64),
+        weights.convert_state_dict({k: v.float() for k, v in tm.state_dict().items()},
+                                   "resnet50"))
+    x = np.random.default_rng(0).normal(size=(3, 37, 37, 3))
+    out = tm(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    torch.sin(out).sum().backward()
+    model = models.get_model("resnet50", 10, dtype=jnp.float64, **kwargs)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(logits)), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    want = out.detach().numpy()
+    # The model returns float32 logits, so agreement is to float32's precision.
+    np.testing.assert_allclose(logits, want, atol=1e-6 * np.abs(want).max())
+    pairs = [(grads["conv1"]["kernel"], tm.conv1.weight.grad.permute(2, 3, 1, 0)),  # 7x7/2
+             (grads["bn1"]["scale"], tm.bn1.weight.grad),  # under the max-pool
+             (grads["layer2_0"]["conv2"]["kernel"],  # 3x3/2
+              tm.layer2[0].conv2.weight.grad.permute(2, 3, 1, 0)),
+             (grads["layer3_0"]["bn3"]["bias"], tm.layer3[0].bn3.bias.grad),  # + residual
+             (grads["layer1_0"]["bn2"]["scale"], tm.layer1[0].bn2.weight.grad)]
+    for got, ref in pairs:
+      ref = ref.numpy()
+      np.testing.assert_allclose(got, ref, atol=1e-6 * np.abs(ref).max())
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 def _abstract_variables(model, size, batch=2):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                            jnp.zeros((batch, size, size, 3)), train=False))
@@ -190,6 +233,31 @@ def test_max_pool_3x3_s2_equals_flax_max_pool(shape):
   g = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x) ** 2)))(x)
   g_ref = jax.jit(jax.grad(lambda x: jnp.sum(ref(x) ** 2)))(x)
   np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+def _max_pool_3x3_s2_grad_reference(x, g):
+  """NumPy: each window's cotangent to its first maximum (row-major), -inf padding."""
+  n, h, w, c = x.shape
+  ho, wo = g.shape[1:3]
+  xp = np.pad(x, ((0, 0), (1, 2), (1, 2), (0, 0)), constant_values=-np.inf)
+  dxp = np.zeros_like(xp)
+  for i in range(ho):
+    for j in range(wo):
+      win = xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(n, 9, c)
+      k = win.argmax(axis=1)  # the first maximum
+      for a in range(n):
+        for ch in range(c):
+          dxp[a, 2 * i + k[a, ch] // 3, 2 * j + k[a, ch] % 3, ch] += g[a, i, j, ch]
+  return dxp[:, 1:1 + h, 1:1 + w]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (1, 6, 5, 2)])
+def test_max_pool_3x3_s2_gradient_goes_to_the_first_maximum(shape):
+  # Few distinct values (and zeros, as after a ReLU): windows with tied maxima everywhere.
+  x = np.maximum(np.random.default_rng(4).integers(-2, 3, size=shape), 0).astype(np.float32)
+  g = np.random.default_rng(5).normal(size=max_pool_3x3_s2(jnp.asarray(x)).shape)
+  got = jax.jit(jax.vjp(max_pool_3x3_s2, jnp.asarray(x))[1])(jnp.asarray(g, jnp.float32))[0]
+  np.testing.assert_allclose(got, _max_pool_3x3_s2_grad_reference(x, g), rtol=1e-6, atol=1e-6)
 
 
 def test_efficientnet_lite_block_configs():

@@ -1,10 +1,11 @@
-"""A drop-in ``lax.conv_general_dilated`` that runs depthwise convolutions as shifted taps
-and 1x1 convolutions as matmuls with a transpose-free weight gradient (``pointwise``).
+"""A drop-in ``lax.conv_general_dilated`` that runs depthwise convolutions as shifted taps,
+1x1 convolutions as matmuls with a transpose-free weight gradient (``pointwise``), and
+gives dense strided convolutions a space-to-depth weight gradient (``strided``).
 
 XLA:CPU's depthwise convolution (``feature_group_count`` = input channels, one filter per
 channel) measured 20-40x slower than PyTorch's in the forward pass and ~10x slower in the
-backward pass (layer micro-benchmarks, 2-core AVX2 CPU). Written as the sum over kernel taps of shifted, strided slices times per-channel
-weights,
+backward pass (layer micro-benchmarks, 2-core AVX2 CPU). Written as the sum over kernel
+taps of shifted, strided slices times per-channel weights,
 
     y[n, a, b, c] = sum_{i, j} xpad[n, a * sh + i, b * sw + j, c] * w[i, j, 0, c],
 
@@ -13,6 +14,7 @@ it is one fused elementwise loop: EfficientNet-Lite0's train step ran ~4x faster
 variadic reduction over all taps, the stride-1 input gradient as taps again.
 1x1 convolutions (most of ResNet-50's and EfficientNet's) are ``pointwise``: see its
 docstring for why their gradient is written by hand.
+Dense strided ones (ResNet-50's 7x7 stem and stride-2 3x3 convolutions) are ``strided``.
 Every other convolution is ``lax.conv_general_dilated`` unchanged: with
 ``sdl_jax.perf.FAST_CPU_XLA_FLAGS`` (set on import of ``sdl_jax``) XLA:CPU's own dense
 convolutions and their gradients are as fast as PyTorch's here. (An earlier version wrote
@@ -186,6 +188,83 @@ def _pointwise_bwd(precision, res, dy):
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+def strided(x, w, strides, padding, precision=None):
+  """Dense strided convolution of ``x`` ``[N, H, W, Ci]`` with ``w`` ``[kh, kw, Ci, Co]``
+  (HWIO): ``lax.conv_general_dilated`` with a hand-written VJP.
+
+  The forward pass and the input gradient are XLA's. The weight gradient is
+  ``strided_weight_grad``: XLA writes autodiff's as a convolution whose kernel is the output
+  gradient dilated by the stride, which XLA:CPU ran 10x slower than the stride-1 form used
+  here (ResNet-50's stride-2 3x3 and 7x7 layers; README, "Performance").
+  ``padding`` is ``((top, bottom), (left, right))``. Reverse mode only.
+  """
+  return _strided(x, w, tuple(strides), tuple(tuple(p) for p in padding), precision)
+
+
+def _strided_conv(x, w, strides, padding, precision):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _strided(x, w, strides, padding, precision):
+  return _strided_conv(x, w, strides, padding, precision)
+
+
+def _strided_fwd(x, w, strides, padding, precision):
+  return _strided_conv(x, w, strides, padding, precision), (x, w)
+
+
+def _strided_bwd(strides, padding, precision, res, dy):
+  x, w = res
+  (dx,) = jax.vjp(lambda x_: _strided_conv(x_, w, strides, padding, precision), x)[1](dy)
+  dw = strided_weight_grad(x, dy, w.shape[:2], strides, padding, precision)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_strided.defvjp(_strided_fwd, _strided_bwd)
+
+
+def strided_weight_grad(x, dy, kernel, strides, padding, precision=None):
+  """The weight gradient of a dense convolution, by space-to-depth: ``[kh, kw, Ci, Co]``.
+
+      dw[i, j, c, o] = sum_{n, a, b} xpad[n, a * sh + i, b * sw + j, c] * dy[n, a, b, o].
+
+  With ``i = sh * u + p``, ``j = sw * v + q`` (``p < sh``, ``q < sw``) and the input
+  rearranged by the stride, ``xs[n, a, b, (p, q, c)] = xpad[n, a * sh + p, b * sw + q, c]``,
+
+      dw[sh * u + p, sw * v + q, c, o]
+          = sum_{n, a, b} xs[n, a + u, b + v, (p, q, c)] * dy[n, a, b, o],
+
+  the weight gradient of a stride-1 VALID convolution of ``xs`` with a
+  ``ceil(kh / sh) x ceil(kw / sw)`` kernel (taps past ``kh``, ``kw`` computed and dropped).
+
+  Args:
+    x: the convolution's input, ``[N, H, W, Ci]``.
+    dy: the cotangent of its output, ``[N, Ho, Wo, Co]``.
+    kernel: ``(kh, kw)``; strides ``(sh, sw)``; padding ``((top, bottom), (left, right))``.
+  """
+  kh, kw = kernel
+  sh, sw = strides
+  (pt, _), (pl, _) = padding
+  n, h, wd, c = x.shape
+  _, ho, wo, co = dy.shape
+  uh, uw = -(-kh // sh), -(-kw // sw)
+  hs, ws = ho + uh - 1, wo + uw - 1
+  # Pads (or crops rows no window reads) to exactly hs * sh rows and ws * sw columns.
+  xp = lax.pad(x, jnp.zeros((), x.dtype),
+               ((0, 0, 0), (pt, hs * sh - h - pt, 0), (pl, ws * sw - wd - pl, 0), (0, 0, 0)))
+  xs = (xp.reshape(n, hs, sh, ws, sw, c).transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n, hs, ws, sh * sw * c))
+  (dws,) = jax.linear_transpose(
+      lambda k: lax.conv_general_dilated(xs, k, (1, 1), "VALID", dimension_numbers=_DN,
+                                         precision=precision),
+      jax.ShapeDtypeStruct((uh, uw, sh * sw * c, co), jnp.result_type(xs, dy)))(dy)
+  dw = dws.reshape(uh, uw, sh, sw, c, co).transpose(0, 2, 1, 3, 4, 5).reshape(
+      uh * sh, uw * sw, c, co)
+  return dw[:kh, :kw]
+
+
 def is_plain_nhwc(lhs_shape, rhs_shape, lhs_dilation=None, rhs_dilation=None,
                   dimension_numbers=None, batch_group_count=1,
                   preferred_element_type=None) -> bool:
@@ -230,7 +309,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """Same signature and result as ``lax.conv_general_dilated``; depthwise ones as taps,
-  1x1 ones as ``pointwise``."""
+  1x1 ones as ``pointwise``, other dense strided ones as ``strided``."""
   if is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count, preferred_element_type):
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
@@ -240,6 +319,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
       preferred_element_type)):
     return pointwise(lhs, rhs, tuple(window_strides), precision)
+  if (len(lhs.shape) == 4 and len(rhs.shape) == 4 and feature_group_count == 1
+      and any(s > 1 for s in window_strides)
+      and is_plain_nhwc(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation, dimension_numbers,
+                        batch_group_count, preferred_element_type)):
+    padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
+    return strided(lhs, rhs, tuple(window_strides), padding, precision)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, precision, preferred_element_type)
