@@ -197,8 +197,8 @@ def _ferplus(c):
   # Four stages at full 44 px resolution (~0.17 GFLOP/image forward, ~70 images/s on one
   # core of this CPU). Session 2's strided-stem 64/128/256 net was 1.6x cheaper but saw
   # the faces at 22 px and stopped at 81% (train ~ validation accuracy). 12 epochs reach
-  # ~85.6% test accuracy in about 1.5-2 hours on one core; --config.num_epochs=6 halves
-  # that for ~83.3%. See RESULTS.md.
+  # 85.3-85.6% test accuracy (two-seed means) in about 1.5-2 hours on one core;
+  # --config.num_epochs=6 halves that for ~83.2%. See RESULTS.md.
   c.model_kwargs = ml_collections.ConfigDict(
       {"widths": (32, 64, 128, 256), "dropout_rate": 0.3, "stem_stride": 1})
   c.image_size = 44
