@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -147,15 +146,11 @@ VARIANTS = {
 }
 
 
-class FlaxBatchNorm(nn.Module):
+class FlaxBatchNorm(library_norm.BatchNorm):
   """``--norm=flax``: ``flax.linen.BatchNorm`` (autodiff gradient), then the residual and the
-  ReLU as separate ops: ResNet-50's normalisation before session 5. Same call signature as
-  ``sdl_jax.models.norm.BatchNorm``; its variables sit one level deeper (benchmarks only)."""
-  use_running_average: bool = False
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Any = None
-  relu: bool = False
+  ReLU as separate ops: ResNet-50's normalisation before session 5. The attributes and call
+  of ``sdl_jax.models.norm.BatchNorm``; its variables sit one level deeper (benchmarks
+  only)."""
 
   @nn.compact
   def __call__(self, x, residual=None):
