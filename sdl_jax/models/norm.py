@@ -1,5 +1,5 @@
-"""BatchNorm (optionally with the ReLU after it) whose training-mode gradient is written by
-hand: two passes over the activations forward and two backward.
+"""BatchNorm (optionally with the ReLU after it, and a residual added before that) whose
+training-mode gradient is written by hand: its two sums and one elementwise pass.
 
 Same variables and results as ``flax.linen.BatchNorm`` (``params``: ``scale``, ``bias``;
 ``batch_stats``: ``mean``, ``var``; batch statistics over all but the last axis, variance
@@ -36,14 +36,16 @@ def batch_norm_train(x, scale, bias, epsilon, relu=False, residual=None):
       dbias = sum dy,  dscale = sum dy * xhat,
       dx = scale r (dy - dbias / M - xhat dscale / M) + dmean / M + 2 dvar (x - mean) / M,
 
-  (``dresidual`` is the masked ``dy``), the two sums in one pass over ``x`` and ``dy``,
-  ``dx`` in a second; the ReLU's mask comes from the stored output.
+  (``dresidual`` is the masked ``dy``): two sums over ``x`` and ``dy``, then ``dx`` in one
+  elementwise pass; the ReLU's mask comes from the stored output, nothing else
+  activation-sized is stored.
   """
   if residual is None:
     return _batch_norm(x, scale, bias, float(epsilon), bool(relu))
   if not relu:
     raise ValueError("batch_norm_train: a residual is only added before a ReLU (relu=True)")
-  return _batch_norm_add_relu(x, residual, scale, bias, float(epsilon))
+  # In x's dtype, so that its cotangent (the masked dy) is too; autodiff casts it back.
+  return _batch_norm_add_relu(x, residual.astype(x.dtype), scale, bias, float(epsilon))
 
 
 def _acc_dtype(x):
@@ -63,11 +65,10 @@ def _stats(x):
 
 
 def _affine(x, mean, var, scale, bias, epsilon):
-  """``(x - mean) * mul + bias`` in the accumulation dtype, and ``r``, ``mul``."""
+  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` in the accumulation dtype."""
   acc = _acc_dtype(x)
-  r = lax.rsqrt(var + epsilon)
-  mul = r * scale.astype(acc)
-  return (x.astype(acc) - mean) * mul + bias.astype(acc), r, mul
+  mul = lax.rsqrt(var + epsilon) * scale.astype(acc)
+  return (x.astype(acc) - mean) * mul + bias.astype(acc)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -77,7 +78,7 @@ def _batch_norm(x, scale, bias, epsilon, relu):
 
 def _batch_norm_fwd(x, scale, bias, epsilon, relu):
   mean, var = _stats(x)
-  y, _, _ = _affine(x, mean, var, scale, bias, epsilon)
+  y = _affine(x, mean, var, scale, bias, epsilon)
   if relu:
     y = jnp.maximum(y, 0)
   y = y.astype(x.dtype)
@@ -102,7 +103,7 @@ def _batch_norm_add_relu(x, residual, scale, bias, epsilon):
 
 def _batch_norm_add_relu_fwd(x, residual, scale, bias, epsilon):
   mean, var = _stats(x)
-  y, _, _ = _affine(x, mean, var, scale, bias, epsilon)
+  y = _affine(x, mean, var, scale, bias, epsilon)
   y = jnp.maximum(y + residual.astype(y.dtype), 0).astype(x.dtype)
   return (y, mean, var), (x, mean, var, scale, y)
 
@@ -112,7 +113,7 @@ def _batch_norm_add_relu_bwd(epsilon, res, cts):
   dy, dmean, dvar = cts
   g = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
   dx, dscale, dbias = _grads(x, mean, var, scale, g, dmean, dvar, epsilon)
-  return dx, g, dscale, dbias
+  return dx, g.astype(x.dtype), dscale, dbias
 
 
 _batch_norm_add_relu.defvjp(_batch_norm_add_relu_fwd, _batch_norm_add_relu_bwd)
@@ -165,7 +166,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     dtype = self.dtype or x.dtype
     if self.use_running_average:
-      y, _, _ = _affine(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+      y = _affine(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
       if residual is not None:
         y = y + residual
       if self.relu:
