@@ -40,7 +40,7 @@ def max_pool_3x3_s2(x):
   return _max_pool_3x3_s2(x, tuple(x.shape[1:3]))
 
 
-def _pool_taps(x):
+def pool_taps(x):
   """The nine ``[N, Ho, Wo, C]`` slices of the -inf padded ``x``, in row-major tap order."""
   n, h, w, c = x.shape
   ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
@@ -53,15 +53,12 @@ def _pool_taps(x):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_3x3_s2(x, hw):
   del hw
-  out = None
-  for s in _pool_taps(x):
-    out = s if out is None else jnp.maximum(out, s)
-  return out
+  return functools.reduce(jnp.maximum, pool_taps(x))
 
 
 def _max_pool_3x3_s2_fwd(x, hw):
   out, first = None, None
-  for t, s in enumerate(_pool_taps(x)):
+  for t, s in enumerate(pool_taps(x)):
     if out is None:
       out, first = s, jnp.zeros(s.shape, jnp.int8)
     else:
