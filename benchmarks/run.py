@@ -90,6 +90,10 @@ def parse_args(argv=None):
   g.add_argument("--pool", default="library", choices=["library", "autodiff"],
                  help="ResNet-50's 3x3/2 max-pool, for experiments: library (hand-written "
                       "gradient) or autodiff (of nine strided slices)")
+  g.add_argument("--kernels", default="", choices=("", "auto", "cpu", "xla"),
+                 help="the models' layer implementations (sdl_jax/models/kernels.py): cpu "
+                      "(hand-written XLA:CPU paths), xla (XLA's own ops) or auto (cpu on "
+                      "the CPU backend; the default, unless $SDL_JAX_KERNELS says otherwise)")
   g.add_argument("--xla_flags", default="",
                  help="space-separated flags appended to $XLA_FLAGS before JAX starts")
   g.add_argument("--torch", default="auto", choices=("auto", "cpu", "cuda", "none"),
@@ -153,6 +157,7 @@ def parse_args(argv=None):
 
 def environment(args, torch_device) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+  from sdl_jax.models import kernels  # pylint: disable=g-import-not-at-top
   env = {
       "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
       "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -169,6 +174,8 @@ def environment(args, torch_device) -> dict:
       "conv": args.conv,
       "norm": args.norm,
       "pool": args.pool,
+      "kernels": kernels.mode(),
+      "hand_paths": kernels.hand_paths(),
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
   }
@@ -471,6 +478,8 @@ def main(argv=None) -> dict:
   if torch_device:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.torch_threads or perf.cpu_count())
+  if args.kernels:
+    os.environ["SDL_JAX_KERNELS"] = args.kernels  # sdl_jax.models.kernels.ENV
   if args.conv != "library":
     from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
     conv_variants.use(args.conv)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sdl_jax import models, weights
-from sdl_jax.models import table
+from sdl_jax.models import kernels, table
 from sdl_jax.models.efficientnet_lite import block_configs, round_filters
 from sdl_jax.models.resnet import max_pool_3x3_s2
 from sdl_jax.models.vgg import adaptive_avg_pool
@@ -77,12 +77,13 @@ def test_equals_torch_reference_full(name, size):
 
 
 @requires_torch
-def test_resnet_train_mode_gradients_equal_torch():
+@pytest.mark.parametrize("paths", ["cpu", "xla"])
+def test_resnet_train_mode_gradients_equal_torch(paths):
   """Train mode (batch statistics), end to end against PyTorch's autograd: the hand-written
   gradients of BatchNorm (+ ReLU, + residual), the max-pool and the strided convolutions
-  (stem and stride-2 3x3) inside a reduced ResNet-50. In float64: in float32 the batch
-  statistics of these tiny maps amplify rounding to ~0.5% in the stem's gradient, on
-  either side."""
+  (stem and stride-2 3x3) inside a reduced ResNet-50 (``paths='cpu'``), and XLA's own
+  operations that GPU/TPU take (``'xla'``). In float64: in float32 the batch statistics of
+  these tiny maps amplify rounding to ~0.5% in the stem's gradient, on either side."""
   jax.config.update("jax_enable_x64", True)
   try:
     torch.manual_seed(0)
@@ -102,7 +103,9 @@ def test_resnet_train_mode_gradients_equal_torch():
                               mutable=["batch_stats"])
       return jnp.sum(jnp.sin(logits)), logits
 
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    with kernels.use(paths):
+      (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+          variables["params"])
     want = out.detach().numpy()
     # The model returns float32 logits, so agreement is to float32's precision.
     np.testing.assert_allclose(logits, want, atol=1e-6 * np.abs(want).max())
@@ -117,6 +120,50 @@ def test_resnet_train_mode_gradients_equal_torch():
       np.testing.assert_allclose(got, ref, atol=1e-6 * np.abs(ref).max())
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("name,size,kwargs", [
+    ("small_cnn", 33, dict(stem_stride=2, widths=(8, 16))),  # its strided stem
+    ("resnet50", 37, dict(stage_sizes=(1, 1, 1, 1))),
+    pytest.param("efficientnet_lite0", 33, {}, marks=pytest.mark.slow),
+])
+def test_hand_paths_and_xla_paths_compute_the_same(name, size, kwargs):
+  """The models' hand-written XLA:CPU layers (``kernels.use('cpu')``) and XLA's own
+  operations (``'xla'``, what GPU/TPU take) give the same train-mode logits, gradients and
+  batch statistics (float32, to 1e-4 of the largest logit and gradient); and the switch
+  changes the traced program. (ResNet-50's are also checked against PyTorch's in float64,
+  above.)"""
+  model = models.get_model(name, 10, **kwargs)
+  x = np.random.default_rng(0).normal(size=(3, size, size, 3)).astype(np.float32)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False))(
+      jax.random.PRNGKey(0))
+
+  def make_loss():  # a new function per mode: JAX caches traces by function
+    def loss(params):
+      logits, state = model.apply({**variables, "params": params}, x, train=True,
+                                  mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.PRNGKey(1)})
+      return jnp.sum(jnp.sin(logits)), (logits, state)
+    return loss
+
+  out, programs = {}, {}
+  for paths in ("cpu", "xla"):
+    with kernels.use(paths):
+      out[paths] = jax.jit(jax.value_and_grad(make_loss(), has_aux=True))(
+          variables["params"])
+      programs[paths] = str(jax.make_jaxpr(make_loss())(variables["params"]))
+  (_, (logits, state)), grads = out["cpu"]
+  (_, (logits_x, state_x)), grads_x = out["xla"]
+  # 1e-4 as against PyTorch: train-mode BatchNorm on tiny maps amplifies rounding.
+  np.testing.assert_allclose(logits_x, logits, atol=TOL * np.abs(logits).max())
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL * scale),
+                         grads_x, grads)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=1e-6),
+                         state_x, state)
+  # Each model here has hand-written gradients on the CPU paths, fewer on XLA's (small_cnn
+  # keeps its 2x2 max-pool's on both).
+  assert programs["cpu"].count("custom_vjp_call") > programs["xla"].count("custom_vjp_call")
 
 
 def _abstract_variables(model, size, batch=2):
@@ -328,3 +375,23 @@ def test_log_probs_mirrored_stays_finite_where_softmax_underflows():
   assert np.isfinite(out).all()
   np.testing.assert_allclose(np.exp(out), [[0.5, 0.5, 0.0]], atol=1e-6)
   np.testing.assert_allclose(out[0, :2], np.log(0.5), rtol=1e-6)
+
+
+def test_kernels_mode_from_environment_and_context(monkeypatch):
+  monkeypatch.delenv(kernels.ENV, raising=False)
+  assert kernels.mode() == "auto"
+  assert kernels.hand_paths() == (jax.default_backend() == "cpu")
+  monkeypatch.setenv(kernels.ENV, " XLA ")
+  assert kernels.mode() == "xla" and not kernels.hand_paths()
+  with kernels.use("cpu"):
+    assert kernels.hand_paths()
+    with kernels.use("xla"):
+      assert not kernels.hand_paths()
+    assert kernels.mode() == "cpu"
+  assert kernels.mode() == "xla"
+  monkeypatch.setenv(kernels.ENV, "cuda")
+  with pytest.raises(ValueError, match="SDL_JAX_KERNELS='cuda'"):
+    kernels.hand_paths()
+  with pytest.raises(ValueError, match="must be one of auto, cpu, xla"):
+    with kernels.use("fast"):
+      pass

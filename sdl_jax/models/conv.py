@@ -19,8 +19,8 @@ Every other convolution is ``lax.conv_general_dilated`` unchanged: with
 ``sdl_jax.perf.FAST_CPU_XLA_FLAGS`` (set on import of ``sdl_jax``) XLA:CPU's own dense
 convolutions and their gradients are as fast as PyTorch's here. (An earlier version wrote
 the weight gradient as per-tap matmuls, which beat YNNPACK's convolution gradient but lost
-to XLA's own by ~1.7x on the small CNN.) GPU/TPU take the same path (not timed there), so
-the numerics are the same on every device.
+to XLA's own by ~1.7x on the small CNN.) These paths are taken on the CPU backend only:
+on GPU/TPU ``conv_general_dilated`` is ``lax.conv_general_dilated`` (``kernels.py``).
 
 Use it as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
 """
@@ -32,6 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from sdl_jax.models import kernels
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -308,8 +310,16 @@ def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """Same signature and result as ``lax.conv_general_dilated``; depthwise ones as taps,
-  1x1 ones as ``pointwise``, other dense strided ones as ``strided``."""
+  """Same signature and result as ``lax.conv_general_dilated``; with the hand paths
+  (``kernels.hand_paths()``: on the CPU backend) depthwise ones as taps, 1x1 ones as
+  ``pointwise``, other dense strided ones as ``strided``."""
+  def xla():
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+
+  if not kernels.hand_paths():
+    return xla()
   if is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count, preferred_element_type):
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
@@ -325,6 +335,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                         batch_group_count, preferred_element_type)):
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
     return strided(lhs, rhs, tuple(window_strides), padding, precision)
-  return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type)
+  return xla()

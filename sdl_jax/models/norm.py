@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sdl_jax.models import kernels
+
 
 def batch_norm_train(x, scale, bias, epsilon, relu=False, residual=None):
   """Training-mode BatchNorm of ``x`` ``[..., C]`` over all axes but the last.
@@ -39,13 +41,18 @@ def batch_norm_train(x, scale, bias, epsilon, relu=False, residual=None):
   (``dresidual`` is the masked ``dy``): two sums over ``x`` and ``dy``, then ``dx`` in one
   elementwise pass; the ReLU's mask comes from the stored output, nothing else
   activation-sized is stored.
+  With ``kernels.hand_paths()`` false (GPU/TPU) the same forward pass is differentiated by
+  autodiff instead.
   """
+  hand = kernels.hand_paths()
   if residual is None:
-    return _batch_norm(x, scale, bias, float(epsilon), bool(relu))
+    f = _batch_norm if hand else lambda *a: _batch_norm_fwd(*a)[0]
+    return f(x, scale, bias, float(epsilon), bool(relu))
   if not relu:
     raise ValueError("batch_norm_train: a residual is only added before a ReLU (relu=True)")
+  f = _batch_norm_add_relu if hand else lambda *a: _batch_norm_add_relu_fwd(*a)[0]
   # In x's dtype, so that its cotangent (the masked dy) is too; autodiff casts it back.
-  return _batch_norm_add_relu(x, residual.astype(x.dtype), scale, bias, float(epsilon))
+  return f(x, residual.astype(x.dtype), scale, bias, float(epsilon))
 
 
 def _acc_dtype(x):

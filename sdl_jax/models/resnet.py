@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdl_jax.models import kernels
 from sdl_jax.models.conv import conv_general_dilated
 from sdl_jax.models.norm import BatchNorm
 
@@ -35,8 +36,11 @@ def max_pool_3x3_s2(x):
   slices of the masked, padded cotangent) and interleaves the four phases. Autodiff of the
   slices instead scatters nine strided pads and recomputes the stem's BatchNorm and ReLU
   inside that loop; it measured the largest single op of ResNet-50's step (README,
-  "Performance"), and splits ties.
+  "Performance"), and splits ties. Off the CPU backend (``kernels.hand_paths()`` false) it
+  is ``flax.linen.max_pool``.
   """
+  if not kernels.hand_paths():  # XLA's reduce_window; its gradient also picks the first max
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   return _max_pool_3x3_s2(x, tuple(x.shape[1:3]))
 
 
