@@ -15,7 +15,7 @@ Sections (``--sections``, default all):
   the two (JAX first on even repeats, PyTorch first on odd ones); the report gives the
   median images/s, the spread (min-max), their ratio, the compile time, FLOP/s achieved
   against this machine's measured matmul peak (model FLOPs utilisation, with model FLOPs
-  = 3 x the forward pass's, by XLA's cost analysis, for both), and peak memory.
+  = 3 x the forward pass's, counted from the layers' shapes, for both), and peak memory.
 * ``loss``: the loss gradient alone, custom_vjp against autodiff (``loss_bench``).
 * ``pipeline``: images/s of the tf.data training pipeline (``sdl_jax.data.pipeline``) on
   small stand-in data sets built by the real TFDS builders, for the presets of

@@ -241,3 +241,17 @@ def test_resnet_op_variants_compute_the_same():
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="--norm must be one of"):
     conv_variants.use_resnet_ops("batch")
+
+
+def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
+  """benchmarks/train_arrays.py (the GPU machine's training check): draws the synthetic set
+  to .npz, trains from it, and evaluates every held-out image exactly once."""
+  from benchmarks import train_arrays
+  npz = str(tmp_path / "synth.npz")
+  assert train_arrays.main([f"--npz={npz}", "--write", "--examples=120"]) == []
+  history = train_arrays.main([f"--npz={npz}", "--epochs=2"])
+  assert [h["epoch"] for h in history] == [1, 2]
+  for h in history:
+    assert h["train_count"] == (102 // 32) * 32 and h["count"] == 120 - 102
+    assert all(np.isfinite(h[k]) for k in ("train_loss", "accuracy", "kl", "cosine"))
+  assert history[1]["train_loss"] < history[0]["train_loss"]
