@@ -14,8 +14,9 @@ models take the hand paths only on the CPU backend, unless told otherwise:
   ``auto`` (default): hand paths if ``jax.default_backend()`` is the CPU, else XLA's;
   ``cpu``: hand paths on every backend; ``xla``: XLA's operations on every backend.
 
-Both compute the same function with the same variables (the tests check each against
-PyTorch, values and train-mode gradients); only rounding differs. The choice is made when
+Both compute the same function with the same variables, to rounding (the tests compare
+the two paths' train-mode logits, gradients and batch statistics, and check ResNet-50's on
+each path against PyTorch's). The choice is made when
 a model is traced, so a function already compiled keeps the paths it was traced with.
 """
 
