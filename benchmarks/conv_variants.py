@@ -15,6 +15,8 @@ model module for one run, so whole-model effects are measured by the same tool. 
 * ``no_strided``: the library with dense strided convolutions (ResNet-50's stride-2 3x3 and
   7x7 ones, EfficientNet's 3x3 stem) left to ``lax.conv_general_dilated`` and its autodiff
   weight gradient instead of ``strided`` (the library before session 5);
+* ``dw_strided_autodiff``: the library with strided depthwise convolutions' input gradient
+  by autodiff of the taps instead of by stride phase (the library before session 6);
 * ``tap_matmul_dw``: the weight gradient of every non-depthwise convolution as per-tap
   matmuls (``tap_matmul_conv``; the library's convolution before the XLA flag was found),
   depthwise ones as in ``library``.
@@ -136,6 +138,21 @@ def no_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
   return library_conv.conv_general_dilated(lhs, rhs, window_strides, padding, *args)
 
 
+_LIBRARY_DW_STRIDED_INPUT_GRAD = library_conv.depthwise_input_grad_strided
+
+
+def _autodiff_strided_input_grad(dy, w, hw, strides, padding):
+  """``dw_strided_autodiff``: autodiff's input gradient of strided depthwise taps."""
+  x = jnp.zeros(dy.shape[:1] + tuple(hw) + dy.shape[3:], dy.dtype)
+  return jax.vjp(lambda x_: library_conv.depthwise_taps(x_, w, strides, padding), x)[1](dy)[0]
+
+
+def dw_strided_autodiff_conv(*args, **kwargs):
+  """The library's convolution (patched by ``use``: strided depthwise input gradients by
+  autodiff)."""
+  return library_conv.conv_general_dilated(*args, **kwargs)
+
+
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
@@ -143,6 +160,7 @@ VARIANTS = {
     "no_pointwise": no_pointwise_conv,
     "no_strided": no_strided_conv,
     "taps_autodiff": taps_autodiff_conv,
+    "dw_strided_autodiff": dw_strided_autodiff_conv,
 }
 
 
@@ -190,3 +208,6 @@ def use(name: str) -> None:
     module = importlib.import_module(module_name)
     if hasattr(module, "conv_general_dilated"):
       module.conv_general_dilated = VARIANTS[name]
+  library_conv.depthwise_input_grad_strided = (
+      _autodiff_strided_input_grad if name == "dw_strided_autodiff"
+      else _LIBRARY_DW_STRIDED_INPUT_GRAD)

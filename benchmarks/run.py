@@ -83,7 +83,7 @@ def parse_args(argv=None):
   g.add_argument("--conv", default="library",
                  help="convolution implementation swapped into the models, for experiments "
                       "(benchmarks/conv_variants.py): library, lax, tap_matmul_dw, no_pointwise, "
-                      "no_strided, taps_autodiff")
+                      "no_strided, taps_autodiff, dw_strided_autodiff")
   g.add_argument("--norm", default="library", choices=["library", "flax"],
                  help="ResNet-50's BatchNorm, for experiments: library (hand-written gradient, "
                       "ReLU and residual fused) or flax (flax.linen.BatchNorm, autodiff)")

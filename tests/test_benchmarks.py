@@ -255,3 +255,11 @@ def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
     assert h["train_count"] == (102 // 32) * 32 and h["count"] == 120 - 102
     assert all(np.isfinite(h[k]) for k in ("train_loss", "accuracy", "kl", "cosine"))
   assert history[1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_ab_times_every_variant_each_repeat():
+  from benchmarks import ab
+  times = ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--repeats=2",
+                   '--model_kwargs={"widths": [4, 8]}', "--variants=library,lax"])
+  assert set(times) == {"library", "lax"}
+  assert all(len(t) == 2 and min(t) > 0 for t in times.values())

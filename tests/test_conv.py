@@ -10,7 +10,8 @@ from jax.test_util import check_grads
 
 from benchmarks.conv_variants import no_strided_conv, tap_matmul_conv, taps_autodiff_conv
 from sdl_jax.models.conv import conv_general_dilated as fast_conv
-from sdl_jax.models.conv import depthwise_weight_grad, strided_weight_grad
+from sdl_jax.models.conv import (depthwise_input_grad_strided, depthwise_weight_grad,
+                                 strided_weight_grad)
 from sdl_jax.models.small_cnn import max_pool_2x2
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -24,7 +25,10 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
     (11, 6, 6, 5, (2, 2), ((0, 1), (0, 1)), 6),  # depthwise, TF-style asymmetric pad
     (9, 4, 4, 3, (1, 1), "SAME", 4),  # depthwise, stride 1: input gradient as correlation
     (8, 6, 6, 5, (1, 1), ((2, 1), (0, 3)), 6),  # ... asymmetric padding
-    (8, 3, 3, 3, (1, 1), ((3, 0), (1, 1)), 3),  # ... padding past the kernel: autodiff
+    (8, 3, 3, 3, (1, 1), ((3, 0), (1, 1)), 3),  # ... padding past the kernel: by phase
+    (12, 5, 5, 3, (2, 2), "SAME", 5),  # depthwise 3x3/2, even size (Lite0): by phase
+    (10, 3, 3, 3, (3, 2), ((2, 0), (1, 2)), 3),  # ... mixed strides, asymmetric padding
+    (9, 4, 4, 2, (2, 2), "VALID", 4),  # ... even kernel, rows no window reads
     (10, 4, 8, 3, (1, 2), ((1, 1), (2, 0)), 2),  # grouped, mixed strides
     (9, 5, 7, 1, (2, 2), "SAME", 1),   # 1x1, strided, odd size: pointwise path
     (7, 3, 4, 1, (2, 1), "VALID", 1),  # 1x1, mixed strides
@@ -180,6 +184,38 @@ def test_depthwise_weight_gradient_equals_reference(h, k, strides, padding, dtyp
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _depthwise_input_grad_reference(dy, w, hw, strides, padding):
+  """NumPy, float64: dx[n, a*sh + i - pt, b*sw + j - pl, c] += dy[n, a, b, c] w[i, j, 0, c]."""
+  (pt, pb), (pl, pr) = padding
+  n, ho, wo, c = dy.shape
+  kh, kw = w.shape[:2]
+  dxp = np.zeros((n, hw[0] + pt + pb, hw[1] + pl + pr, c))
+  for a in range(ho):
+    for b in range(wo):
+      for i in range(kh):
+        for j in range(kw):
+          dxp[:, a * strides[0] + i, b * strides[1] + j] += dy[:, a, b] * w[i, j, 0]
+  return dxp[:, pt:pt + hw[0], pl:pl + hw[1]]
+
+
+@pytest.mark.parametrize("h,k,strides,padding", [
+    (12, (3, 3), (2, 2), ((0, 1), (0, 1))),  # Lite0's stride-2 3x3 (TF "SAME", even size)
+    (11, (5, 5), (2, 2), ((1, 2), (1, 2))),  # ... its 5x5
+    (10, (3, 2), (3, 2), ((2, 0), (1, 2))),
+    (8, (2, 3), (1, 1), ((3, 0), (0, 4))),  # padding past the kernel
+])
+def test_depthwise_strided_input_gradient_equals_reference(h, k, strides, padding):
+  rng = np.random.default_rng(h)
+  hw = (h, h + 1)
+  ho = (hw[0] + sum(padding[0]) - k[0]) // strides[0] + 1
+  wo = (hw[1] + sum(padding[1]) - k[1]) // strides[1] + 1
+  dy = rng.normal(size=(2, ho, wo, 3)).astype(np.float32)
+  w = rng.normal(size=k + (1, 3)).astype(np.float32)
+  got = depthwise_input_grad_strided(jnp.asarray(dy), jnp.asarray(w), hw, strides, padding)
+  np.testing.assert_allclose(got, _depthwise_input_grad_reference(dy, w, hw, strides, padding),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_depthwise_weight_gradient_is_one_reduction():
   """The point of the depthwise VJP: all taps summed by one (variadic) reduce, no conv."""
   x = jnp.ones((2, 6, 6, 4))
@@ -232,3 +268,27 @@ def test_strided_weight_gradient_has_no_dilated_kernel():
   assert "rhs_dilation=(2, 2)" in str(jax.make_jaxpr(jax.grad(loss(lax.conv_general_dilated)))(w))
   text = str(jax.make_jaxpr(jax.grad(loss(fast_conv)))(w))
   assert "conv_general_dilated" in text and "rhs_dilation=(2, 2)" not in text
+
+
+def test_dw_strided_autodiff_variant_gives_the_same_gradient():
+  """The benchmark's ``dw_strided_autodiff`` (the library before session 6) and the library's
+  stride-phase input gradient agree; ``use('library')`` restores the library's."""
+  from benchmarks import conv_variants
+  from sdl_jax.models import conv
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 12, 13, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)
+
+  def make_grad():  # a new function per variant: JAX caches traces by function
+    return jax.grad(lambda x: jnp.sum(jnp.sin(fast_conv(
+        x, w, (2, 2), "SAME", dimension_numbers=DN, feature_group_count=4))))
+
+  want = make_grad()(x)
+  try:
+    conv_variants.use("dw_strided_autodiff")
+    assert conv.depthwise_input_grad_strided is not depthwise_input_grad_strided
+    got = make_grad()(x)
+  finally:
+    conv_variants.use("library")
+  assert conv.depthwise_input_grad_strided is depthwise_input_grad_strided
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -71,7 +71,8 @@ def depthwise(x, w, strides, padding):
   """``depthwise_taps`` (same arguments and result) with a hand-written VJP.
 
   The input gradient of a stride-1 convolution is a stride-1 correlation of ``dy`` with the
-  flipped kernel (``depthwise_input_grad``); a strided one's is autodiff's of the taps.
+  flipped kernel (``depthwise_input_grad``); a strided one's is assembled by stride phase
+  (``depthwise_input_grad_strided``).
   The weight gradient
 
       dw[i, j, 0, c] = sum_{n, a, b} xpad[n, a * sh + i, b * sw + j, c] * dy[n, a, b, c]
@@ -102,7 +103,7 @@ def _depthwise_bwd(strides, padding, res, dy):
   if tuple(strides) == (1, 1) and max(pt, pb) < kh and max(pl, pr) < kw:
     dx = depthwise_input_grad(dy, w, padding)
   else:
-    (dx,) = jax.vjp(lambda x_: depthwise_taps(x_, w, strides, padding), x)[1](dy)
+    dx = depthwise_input_grad_strided(dy, w, x.shape[1:3], strides, padding)
   dw = depthwise_weight_grad(x, dy, (kh, kw), strides, padding)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
@@ -124,6 +125,47 @@ def depthwise_input_grad(dy, w, padding):
   (pt, pb), (pl, pr) = padding
   return depthwise_taps(dy, w[::-1, ::-1], (1, 1),
                         ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+
+
+def depthwise_input_grad_strided(dy, w, hw, strides, padding):
+  """The input gradient of ``depthwise_taps`` for any stride, by stride phase: ``[N, H, W, C]``.
+
+  With ``xpad`` row ``r = sh * u + p`` (``p < sh``) and tap row ``i = sh * m + p``, the rows
+  of phase ``p`` are ``dxpad[n, sh * u + p] = sum_{m, j} dy[n, u - m, ...] * w[sh * m + p, j]``
+  (likewise for columns): each of the ``sh * sw`` phases is a sum of shifted slices of the
+  zero-padded ``dy`` times its taps (``kh * kw`` taps over all phases together), then the
+  phases are interleaved and ``xpad``'s padding cropped. Autodiff of the strided taps
+  instead sums ``kh * kw`` strided pads of ``dy * w[i, j]``, which XLA:CPU fused into one
+  loop with a select per element and per tap (in EfficientNet-Lite0's step, fused with the
+  recomputed BatchNorm before it, the step's largest op; README, "Performance").
+
+  Args:
+    dy: the cotangent of the output, ``[N, Ho, Wo, C]``.
+    w: ``[kh, kw, 1, C]``; hw: the input's ``(H, W)``; strides, padding as in
+      ``depthwise_taps``.
+  """
+  kh, kw = w.shape[:2]
+  sh, sw = strides
+  (pt, pb), (pl, pr) = padding
+  h, wd = hw
+  n, ho, wo, c = dy.shape
+  # Phase grid: u < U rows of each of the sh row phases cover xpad (and a little more).
+  uu, vv = -(-(h + pt + pb) // sh), -(-(wd + pl + pr) // sw)
+  mh, mw = -(-kh // sh) - 1, -(-kw // sw) - 1  # the largest tap shifts m, l
+  dyp = jnp.pad(dy, ((0, 0), (mh, uu - ho), (mw, vv - wo), (0, 0)))
+  rows = []
+  for p in range(sh):
+    cols = []
+    for q in range(sw):
+      phase = jnp.zeros((n, uu, vv, c), jnp.result_type(dy, w))
+      for m in range(-(-(kh - p) // sh)):
+        for l in range(-(-(kw - q) // sw)):
+          phase = phase + (dyp[:, mh - m:mh - m + uu, mw - l:mw - l + vv]
+                           * w[sh * m + p, sw * l + q, 0])
+      cols.append(phase)
+    rows.append(jnp.stack(cols, axis=3))       # [n, U, V, sw, c]
+  dxp = jnp.stack(rows, axis=2).reshape(n, uu * sh, vv * sw, c)
+  return dxp[:, pt:pt + h, pl:pl + wd]
 
 
 def depthwise_weight_grad(x, dy, kernel, strides, padding):

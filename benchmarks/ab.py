@@ -1,0 +1,73 @@
+"""Interleaved A/B of the JAX train step under two or more ``--conv`` variants
+(``benchmarks/conv_variants.py``), in one process: each repeat times one step of every
+variant in turn, so drift of the machine's speed hits all of them alike. For changes
+smaller than the run-to-run spread of ``benchmarks.run``, whose JAX/PyTorch ratios from
+separate runs cannot show them.
+
+    python -m benchmarks.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
+        --variants=library,dw_strided_autodiff
+
+Prints each repeat's step seconds, then per variant the median images/s and how many
+repeats it was the fastest in; returns ``{variant: [step seconds]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.ab",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="efficientnet_lite0")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--model_kwargs", default="{}", help="JSON keyword arguments of the model")
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--variants", default="library,dw_strided_autodiff",
+                 help="comma-separated --conv variants (benchmarks/conv_variants.py)")
+  args = p.parse_args(argv)
+
+  from benchmarks import conv_variants, jax_train  # pylint: disable=g-import-not-at-top
+  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+
+  variants = [v for v in args.variants.split(",") if v]
+  images, labels, dists = synthetic_batch(args.batch, args.image_size, 8)
+  config = jax_train.bench_config(args.model, batch=args.batch,
+                                  model_kwargs=json.loads(args.model_kwargs))
+  trainers = {}
+  try:
+    for v in variants:
+      conv_variants.use(v)  # traced (compiled) under this variant; later ones re-patch
+      t = jax_train.JaxTrainer(config, images, labels, dists)
+      print(f"{v}: compiled in {t.compile():.1f} s", flush=True)
+      t.step()
+      t.sync()
+      trainers[v] = t
+  finally:
+    conv_variants.use("library")
+  times = {v: [] for v in variants}
+  for r in range(args.repeats):
+    for v, t in trainers.items():
+      t0 = time.perf_counter()
+      t.step()
+      t.sync()
+      times[v].append(time.perf_counter() - t0)
+    print(f"repeat {r}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in variants),
+          flush=True)
+  fastest = np.argmin(np.asarray([times[v] for v in variants]), axis=0)
+  for i, v in enumerate(variants):
+    print(f"{v}: {args.batch / np.median(times[v]):.3f} img/s (median), fastest in "
+          f"{int((fastest == i).sum())} of {args.repeats} repeats", flush=True)
+  return times
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
