@@ -147,12 +147,6 @@ def _autodiff_strided_input_grad(dy, w, hw, strides, padding):
   return jax.vjp(lambda x_: library_conv.depthwise_taps(x_, w, strides, padding), x)[1](dy)[0]
 
 
-def dw_strided_autodiff_conv(*args, **kwargs):
-  """The library's convolution (patched by ``use``: strided depthwise input gradients by
-  autodiff)."""
-  return library_conv.conv_general_dilated(*args, **kwargs)
-
-
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
@@ -160,7 +154,8 @@ VARIANTS = {
     "no_pointwise": no_pointwise_conv,
     "no_strided": no_strided_conv,
     "taps_autodiff": taps_autodiff_conv,
-    "dw_strided_autodiff": dw_strided_autodiff_conv,
+    # The library's convolution; ``use`` swaps its strided depthwise input gradient.
+    "dw_strided_autodiff": library_conv.conv_general_dilated,
 }
 
 
