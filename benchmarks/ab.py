@@ -1,4 +1,4 @@
-"""Interleaved A/B of the JAX train step under two or more ``--conv`` variants
+"""Interleaved A/B of the JAX train step under two or more variants of its layers
 (``benchmarks/conv_variants.py``), in one process: each repeat times one step of every
 variant in turn, so drift of the machine's speed hits all of them alike. For changes
 smaller than the run-to-run spread of ``benchmarks.run``, whose JAX/PyTorch ratios from
@@ -6,7 +6,14 @@ separate runs cannot show them.
 
     python -m benchmarks.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
         --variants=library,dw_strided_autodiff
+    python -m benchmarks.ab --model=efficientnet_lite0 --variants=library,norm=flax
 
+A variant is a ``--conv`` name, or ``norm=...``/``pool=...`` (``benchmarks.run``'s
+``--norm``/``--pool``), or an XLA option for this compilation only (``xla_...=value``,
+overriding ``$XLA_FLAGS``), or several joined by ``+`` (``no_strided+norm=flax``):
+
+    python -m benchmarks.ab --model=resnet50 --repeats=5 \
+        --variants=library,xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT
 Prints each repeat's step seconds, then per variant the median images/s and how many
 repeats it was the fastest in; returns ``{variant: [step seconds]}``.
 """
@@ -32,7 +39,8 @@ def main(argv=None) -> dict:
   p.add_argument("--model_kwargs", default="{}", help="JSON keyword arguments of the model")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--variants", default="library,dw_strided_autodiff",
-                 help="comma-separated --conv variants (benchmarks/conv_variants.py)")
+                 help="comma-separated variants: a --conv name, norm=..., pool=..., or several "
+                      "joined by '+' (benchmarks/conv_variants.py)")
   args = p.parse_args(argv)
 
   from benchmarks import conv_variants, jax_train  # pylint: disable=g-import-not-at-top
@@ -45,14 +53,16 @@ def main(argv=None) -> dict:
   trainers = {}
   try:
     for v in variants:
-      conv_variants.use(v)  # traced (compiled) under this variant; later ones re-patch
+      options = _use(conv_variants, v)  # traced (compiled) under it; later ones re-patch
       t = jax_train.JaxTrainer(config, images, labels, dists)
-      print(f"{v}: compiled in {t.compile():.1f} s", flush=True)
+      print(f"{v}: compiled in {t.compile(options):.1f} s, XLA temporaries "
+            f"{t.memory()['temporaries'] / 2**20:.0f} MiB", flush=True)
       t.step()
       t.sync()
       trainers[v] = t
   finally:
     conv_variants.use("library")
+    conv_variants.use_model_ops()
   times = {v: [] for v in variants}
   for r in range(args.repeats):
     for v, t in trainers.items():
@@ -67,6 +77,26 @@ def main(argv=None) -> dict:
     print(f"{v}: {args.batch / np.median(times[v]):.3f} img/s (median), fastest in "
           f"{int((fastest == i).sum())} of {args.repeats} repeats", flush=True)
   return times
+
+
+def _use(conv_variants, variant: str) -> dict:
+  """Patches the models for one variant (see the module docstring); returns its XLA
+  compiler options."""
+  conv, ops, options = "library", {}, {}
+  for part in variant.split("+"):
+    key, eq, value = part.partition("=")
+    if not eq:
+      conv = part
+    elif key in ("norm", "pool"):
+      ops[key] = value
+    elif key.startswith("xla_"):
+      options[key] = value
+    else:
+      raise ValueError(f"--variants: unknown setting {key!r} in {variant!r} "
+                       "(norm=, pool=, xla_...=)")
+  conv_variants.use(conv)
+  conv_variants.use_model_ops(**ops)
+  return options
 
 
 if __name__ == "__main__":

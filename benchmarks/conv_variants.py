@@ -1,5 +1,6 @@
-"""Convolution implementations the benchmark can swap into the models (``--conv``), and
-ResNet-50's earlier BatchNorm (``--norm``) and max-pool (``--pool``).
+"""Convolution implementations the benchmark can swap into the models (``--conv``), flax's
+BatchNorm for ResNet-50 and EfficientNet-Lite (``--norm``) and ResNet-50's earlier max-pool
+(``--pool``).
 
 For experiments only: the library's models use ``sdl_jax.models.conv.conv_general_dilated``
 (XLA's own convolutions, depthwise ones as shifted taps); ``--conv`` replaces it in every
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sdl_jax.models import conv as library_conv
+from sdl_jax.models import efficientnet_lite as library_lite
 from sdl_jax.models import norm as library_norm
 from sdl_jax.models import resnet as library_resnet
 
@@ -161,9 +163,9 @@ VARIANTS = {
 
 class FlaxBatchNorm(library_norm.BatchNorm):
   """``--norm=flax``: ``flax.linen.BatchNorm`` (autodiff gradient), then the residual and the
-  ReLU as separate ops: ResNet-50's normalisation before session 5. The attributes and call
-  of ``sdl_jax.models.norm.BatchNorm``; its variables sit one level deeper (benchmarks
-  only)."""
+  activation as separate ops: ResNet-50's normalisation before session 5, EfficientNet-Lite's
+  before session 7. The attributes and call of ``sdl_jax.models.norm.BatchNorm``; its
+  variables sit one level deeper (benchmarks only)."""
 
   @nn.compact
   def __call__(self, x, residual=None):
@@ -171,7 +173,8 @@ class FlaxBatchNorm(library_norm.BatchNorm):
                      epsilon=self.epsilon, dtype=self.dtype)(x)
     if residual is not None:
       y = y + residual
-    return nn.relu(y) if self.relu else y
+    act = "relu" if self.relu else self.activation
+    return {"relu": nn.relu, "relu6": nn.relu6}.get(act, lambda v: v)(y)
 
 
 def autodiff_max_pool_3x3_s2(x):
@@ -185,13 +188,15 @@ NORMS = {"library": library_norm.BatchNorm, "flax": FlaxBatchNorm}
 POOLS = {"library": library_resnet.max_pool_3x3_s2, "autodiff": autodiff_max_pool_3x3_s2}
 
 
-def use_resnet_ops(norm: str = "library", pool: str = "library") -> None:
-  """Makes ResNet-50 build its BatchNorm and max-pool from variants ``norm`` and ``pool``."""
+def use_model_ops(norm: str = "library", pool: str = "library") -> None:
+  """Makes ResNet-50 and EfficientNet-Lite build their BatchNorm from variant ``norm``, and
+  ResNet-50 its max-pool from ``pool``."""
   if norm not in NORMS:
     raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {norm!r}")
   if pool not in POOLS:
     raise ValueError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
   library_resnet.BatchNorm = NORMS[norm]
+  library_lite.BatchNorm = NORMS[norm]
   library_resnet.max_pool_3x3_s2 = POOLS[pool]
 
 

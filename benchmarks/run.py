@@ -85,8 +85,9 @@ def parse_args(argv=None):
                       "(benchmarks/conv_variants.py): library, lax, tap_matmul_dw, no_pointwise, "
                       "no_strided, taps_autodiff, dw_strided_autodiff")
   g.add_argument("--norm", default="library", choices=["library", "flax"],
-                 help="ResNet-50's BatchNorm, for experiments: library (hand-written gradient, "
-                      "ReLU and residual fused) or flax (flax.linen.BatchNorm, autodiff)")
+                 help="ResNet-50's and EfficientNet-Lite's BatchNorm, for experiments: library "
+                      "(hand-written gradient, activation and residual fused) or flax "
+                      "(flax.linen.BatchNorm, autodiff)")
   g.add_argument("--pool", default="library", choices=["library", "autodiff"],
                  help="ResNet-50's 3x3/2 max-pool, for experiments: library (hand-written "
                       "gradient) or autodiff (of nine strided slices)")
@@ -485,7 +486,7 @@ def main(argv=None) -> dict:
     conv_variants.use(args.conv)
   if (args.norm, args.pool) != ("library", "library"):
     from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
-    conv_variants.use_resnet_ops(args.norm, args.pool)
+    conv_variants.use_model_ops(args.norm, args.pool)
   results = {"env": environment(args, torch_device)}
   log(f"devices: {results['env']['devices']}")
 

@@ -66,9 +66,10 @@ def test_append_xla_flags_replaces_a_flag_of_the_same_name(monkeypatch):
 
 
 @pytest.mark.parametrize("env,want,ynn_conv", [
-    ({}, perf.FAST_CPU_XLA_FLAGS[0], False),
+    ({}, " ".join(perf.FAST_CPU_XLA_FLAGS), False),
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"},
-     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", True),
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution "
+     + perf.FAST_CPU_XLA_FLAGS[1], True),
     ({"SDL_JAX_XLA_DEFAULTS": "0"}, "", True),
 ])
 def test_import_sets_fast_cpu_flags_unless_the_user_chose(env, want, ynn_conv):
@@ -232,15 +233,15 @@ def test_resnet_op_variants_compute_the_same():
   outs = []
   try:
     for norm, pool in [("library", "library"), ("flax", "autodiff")]:
-      conv_variants.use_resnet_ops(norm, pool)
+      conv_variants.use_model_ops(norm, pool)
       variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
       outs.append(jax.jit(lambda v, x: model.apply(v, x, train=True,
                                                    mutable=["batch_stats"])[0])(variables, x))
   finally:
-    conv_variants.use_resnet_ops()
+    conv_variants.use_model_ops()
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="--norm must be one of"):
-    conv_variants.use_resnet_ops("batch")
+    conv_variants.use_model_ops("batch")
 
 
 def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
@@ -260,6 +261,11 @@ def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
 def test_ab_times_every_variant_each_repeat():
   from benchmarks import ab
   times = ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--repeats=2",
-                   '--model_kwargs={"widths": [4, 8]}', "--variants=library,lax"])
-  assert set(times) == {"library", "lax"}
+                   '--model_kwargs={"widths": [4, 8]}',
+                   "--variants=library,lax+norm=flax+xla_cpu_scheduler_type="
+                   "CPU_SCHEDULER_TYPE_DEFAULT"])
+  assert set(times) == {"library",
+                        "lax+norm=flax+xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
   assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+  with pytest.raises(ValueError, match="unknown setting 'speed'"):
+    ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--variants=speed=2"])

@@ -1,5 +1,5 @@
-"""sdl_jax.models.norm.BatchNorm equals flax's BatchNorm (+ ReLU); its hand-written gradient
-equals autodiff's of a plain implementation."""
+"""sdl_jax.models.norm.BatchNorm equals flax's BatchNorm (+ ReLU or ReLU6); its hand-written
+gradient equals autodiff's of a plain implementation."""
 
 import flax.linen as nn
 import jax
@@ -11,12 +11,19 @@ from jax.test_util import check_grads
 from sdl_jax.models.norm import BatchNorm, batch_norm_train
 
 
-def _plain_batch_norm(x, scale, bias, eps, relu):
-  """Plain jnp, autodiff's gradient: the reference for the custom_vjp."""
+ACTS = {None: lambda y: y, False: lambda y: y, True: jax.nn.relu, "relu": jax.nn.relu,
+        "relu6": jax.nn.relu6}
+NP_ACTS = {None: lambda y: y, True: lambda y: np.maximum(y, 0),
+           "relu6": lambda y: np.clip(y, 0, 6)}
+
+
+def _plain_batch_norm(x, scale, bias, eps, act):
+  """Plain jnp, autodiff's gradient (``jax.nn.relu``/``relu6``'s): the reference for the
+  custom_vjp."""
   mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))
   var = jnp.maximum(jnp.mean(x * x, axis=tuple(range(x.ndim - 1))) - mean ** 2, 0)
   y = (x - mean) / jnp.sqrt(var + eps) * scale + bias
-  return (jnp.maximum(y, 0) if relu else y), mean, var
+  return ACTS[act](y), mean, var
 
 
 def _numpy_batch_norm(x, scale, bias, eps):
@@ -26,14 +33,17 @@ def _numpy_batch_norm(x, scale, bias, eps):
   return (x - mean) / np.sqrt(var + eps) * scale + bias, mean, var
 
 
-@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("relu", [None, True, "relu6"])
 def test_batch_norm_train_values_and_gradient(relu):
   rng = np.random.default_rng(0)
   x = (rng.normal(size=(4, 5, 3, 6)) * 2 + 1).astype(np.float32)
-  scale, bias = np.linspace(0.5, 2, 6, dtype=np.float32), np.linspace(-1, 1, 6, dtype=np.float32)
+  # Up to 4 standard deviations times 4: some outputs above relu6's 6, some below 0.
+  scale, bias = np.linspace(0.5, 4, 6, dtype=np.float32), np.linspace(-1, 1, 6, dtype=np.float32)
   y, mean, var = batch_norm_train(jnp.asarray(x), scale, bias, 1e-5, relu)
   want_y, want_mean, want_var = _numpy_batch_norm(x, scale, bias, 1e-5)
-  np.testing.assert_allclose(y, np.maximum(want_y, 0) if relu else want_y, atol=2e-5)
+  if relu == "relu6":
+    assert (want_y > 6).sum() > 3 and (want_y < 0).sum() > 3
+  np.testing.assert_allclose(y, NP_ACTS[relu](want_y), atol=2e-5)
   np.testing.assert_allclose(mean, want_mean, atol=1e-5)
   np.testing.assert_allclose(var, want_var, rtol=1e-5)
 
@@ -47,28 +57,28 @@ def test_batch_norm_train_values_and_gradient(relu):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("relu", [False, True, "relu6"])
 def test_batch_norm_check_grads_float64(relu):
   jax.config.update("jax_enable_x64", True)
   try:
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(3, 4, 5)))
-    s, b = jnp.linspace(0.5, 2, 5), jnp.linspace(-0.1, 0.1, 5)
+    s, b = jnp.linspace(0.5, 8, 5), jnp.linspace(-0.1, 0.1, 5)
     check_grads(lambda x, s, b: batch_norm_train(x, s, b, 1e-5, relu), (x, s, b), order=2,
                 modes=["rev"])
   finally:
     jax.config.update("jax_enable_x64", False)
 
 
-@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("relu", [None, "relu", "relu6"])
 @pytest.mark.parametrize("train", [True, False])
 def test_module_equals_flax_batch_norm(relu, train):
   x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 3, 3, 5)) * 3 + 2, jnp.float32)
   ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
-  mine = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, relu=relu)
+  mine = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, activation=relu)
   v_ref, v_mine = ref.init(jax.random.key(0), x), mine.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, v_ref) == jax.tree.map(jnp.shape, v_mine)
-  variables = {"params": {"scale": jnp.linspace(0.5, 2, 5), "bias": jnp.linspace(-1, 1, 5)},
+  variables = {"params": {"scale": jnp.linspace(0.5, 5, 5), "bias": jnp.linspace(-1, 1, 5)},
                "batch_stats": {"mean": jnp.linspace(0, 1, 5), "var": jnp.linspace(1, 2, 5)}}
 
   def run(module, act):
@@ -77,7 +87,7 @@ def test_module_equals_flax_batch_norm(relu, train):
       return jnp.sum(jnp.sin(act(y))), state
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
 
-  (l_ref, s_ref), g_ref = run(ref, nn.relu if relu else (lambda y: y))
+  (l_ref, s_ref), g_ref = run(ref, ACTS[relu])
   (l_mine, s_mine), g_mine = run(mine, lambda y: y)
   np.testing.assert_allclose(l_mine, l_ref, rtol=1e-6)
   for a, b in zip(jax.tree.leaves((s_mine, g_mine)), jax.tree.leaves((s_ref, g_ref))):
@@ -121,3 +131,13 @@ def test_residual_before_relu_values_and_gradient():
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="relu=True"):
     batch_norm_train(x, s, b, 1e-5, False, residual=res)
+  with pytest.raises(ValueError, match="relu=True"):
+    batch_norm_train(x, s, b, 1e-5, "relu6", residual=res)
+
+
+def test_unknown_or_conflicting_activation_is_an_error():
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="activation must be one of"):
+    batch_norm_train(x, jnp.ones(3), jnp.zeros(3), 1e-5, "gelu")
+  with pytest.raises(ValueError, match="disagree"):
+    BatchNorm(relu=True, activation="relu6").init(jax.random.key(0), x)

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdl_jax.models.conv import conv_general_dilated
+from sdl_jax.models.norm import BatchNorm
 
 # Stages of EfficientNet-Lite0: (repeats, kernel, stride, expand_ratio, in, out).
 STAGES = (
@@ -89,17 +90,17 @@ class MBConv(nn.Module):
   def __call__(self, x, train: bool):
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
                              conv_general_dilated=conv_general_dilated)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.99,
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.99,
                              epsilon=1e-3, dtype=self.dtype)
     cin = x.shape[-1]
     h = x
     if self.expand_ratio != 1:
       h = conv(cin * self.expand_ratio, (1, 1), name="expand_conv")(h)
-      h = nn.relu6(norm(name="expand_bn")(h))
+      h = norm(name="expand_bn", activation="relu6")(h)
     c = h.shape[-1]
     h = conv(c, (self.kernel,) * 2, strides=(self.stride,) * 2, feature_group_count=c,
              name="dw_conv")(h)
-    h = nn.relu6(norm(name="dw_bn")(h))
+    h = norm(name="dw_bn", activation="relu6")(h)
     h = conv(self.out_channels, (1, 1), name="project_conv")(h)
     h = norm(name="project_bn")(h)
     if self.stride == 1 and cin == self.out_channels:
@@ -126,20 +127,20 @@ class EfficientNetLite(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.99,
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.99,
                              epsilon=1e-3, dtype=self.dtype)
     x = x.astype(self.dtype)
     x = nn.Conv(STEM_WIDTH, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
                 dtype=self.dtype, conv_general_dilated=conv_general_dilated,
                 name="stem_conv")(x)
-    x = nn.relu6(norm(name="stem_bn")(x))
+    x = norm(name="stem_bn", activation="relu6")(x)
     blocks = block_configs(self.width, self.depth)
     for i, (k, s, e, _, cout) in enumerate(blocks):
       x = MBConv(k, s, e, cout, self.drop_connect_rate * i / len(blocks), self.dtype,
                  name=f"block{i}")(x, train)
     x = nn.Conv(TOP_WIDTH, (1, 1), use_bias=False, dtype=self.dtype,
                 conv_general_dilated=conv_general_dilated, name="top_conv")(x)
-    x = nn.relu6(norm(name="top_bn")(x))
+    x = norm(name="top_bn", activation="relu6")(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

@@ -1,5 +1,5 @@
-"""BatchNorm (optionally with the ReLU after it, and a residual added before that) whose
-training-mode gradient is written by hand: its two sums and one elementwise pass.
+"""BatchNorm (optionally with a ReLU or ReLU6 after it, and a residual added before a ReLU)
+whose training-mode gradient is written by hand: its two sums and one elementwise pass.
 
 Same variables and results as ``flax.linen.BatchNorm`` (``params``: ``scale``, ``bias``;
 ``batch_stats``: ``mean``, ``var``; batch statistics over all but the last axis, variance
@@ -23,36 +23,68 @@ from jax import lax
 from sdl_jax.models import kernels
 
 
-def batch_norm_train(x, scale, bias, epsilon, relu=False, residual=None):
+def batch_norm_train(x, scale, bias, epsilon, activation=None, residual=None):
   """Training-mode BatchNorm of ``x`` ``[..., C]`` over all axes but the last.
 
   ``mean = E[x]``, ``var = max(E[x^2] - mean^2, 0)``, ``r = (var + epsilon)^(-1/2)``,
-  ``y = (x - mean) * r * scale + bias`` (then ``max(y + residual, 0)`` if ``residual`` is
-  given, which needs ``relu``; else ``max(y, 0)`` if ``relu``). Statistics and arithmetic
-  are at least float32; ``y`` has ``x``'s dtype.
+  ``y = (x - mean) * r * scale + bias``, then the ``activation``: ``'relu'`` (or ``True``)
+  ``max(y, 0)``, ``'relu6'`` ``min(max(y, 0), 6)``, ``None`` (or ``False``) none; with a
+  ``residual`` (needs ``'relu'``) ``max(y + residual, 0)``. Statistics and arithmetic are
+  at least float32; ``y`` has ``x``'s dtype.
 
   Returns ``(y, mean, var)``, the statistics float32 ``[C]``. Gradient (``custom_vjp``),
-  with ``M`` the number of rows, ``dy`` masked by ``y > 0`` when ``relu``, and
-  ``xhat = (x - mean) r``:
+  with ``M`` the number of rows, ``dy`` masked where the activation is flat (``y > 0``;
+  ``0 < y < 6`` for relu6, as ``jax.nn.relu6``'s gradient) and ``xhat = (x - mean) r``:
 
       dbias = sum dy,  dscale = sum dy * xhat,
       dx = scale r (dy - dbias / M - xhat dscale / M) + dmean / M + 2 dvar (x - mean) / M,
 
   (``dresidual`` is the masked ``dy``): two sums over ``x`` and ``dy``, then ``dx`` in one
-  elementwise pass; the ReLU's mask comes from the stored output, nothing else
+  elementwise pass; the activation's mask comes from the stored output, nothing else
   activation-sized is stored.
   With ``kernels.hand_paths()`` false (GPU/TPU) the same forward pass is differentiated by
   autodiff instead.
   """
+  act = _activation(activation)
   hand = kernels.hand_paths()
   if residual is None:
     f = _batch_norm if hand else lambda *a: _batch_norm_fwd(*a)[0]
-    return f(x, scale, bias, float(epsilon), bool(relu))
-  if not relu:
+    return f(x, scale, bias, float(epsilon), act)
+  if act != "relu":
     raise ValueError("batch_norm_train: a residual is only added before a ReLU (relu=True)")
   f = _batch_norm_add_relu if hand else lambda *a: _batch_norm_add_relu_fwd(*a)[0]
   # In x's dtype, so that its cotangent (the masked dy) is too; autodiff casts it back.
   return f(x, residual.astype(x.dtype), scale, bias, float(epsilon))
+
+
+ACTIVATIONS = (None, "relu", "relu6")
+
+
+def _activation(activation):
+  """``None``/``False`` -> None, ``True`` -> ``'relu'``; ``'relu'``/``'relu6'`` as they are."""
+  if activation is True:
+    return "relu"
+  if activation is False:
+    return None
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"BatchNorm activation must be one of {ACTIVATIONS}, got {activation!r}")
+  return activation
+
+
+def _apply(y, act):
+  if act == "relu":
+    return jnp.maximum(y, 0)
+  if act == "relu6":
+    return jnp.clip(y, 0, 6)
+  return y
+
+
+def _mask(y, dy, act):
+  """``dy`` where the activation's output ``y`` has slope 1, else 0."""
+  if act is None:
+    return dy
+  keep = y > 0 if act == "relu" else (y > 0) & (y < 6)
+  return jnp.where(keep, dy, jnp.zeros((), dy.dtype))
 
 
 def _acc_dtype(x):
@@ -79,25 +111,22 @@ def _affine(x, mean, var, scale, bias, epsilon):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm(x, scale, bias, epsilon, relu):
-  return _batch_norm_fwd(x, scale, bias, epsilon, relu)[0]
+def _batch_norm(x, scale, bias, epsilon, act):
+  return _batch_norm_fwd(x, scale, bias, epsilon, act)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon, relu):
+def _batch_norm_fwd(x, scale, bias, epsilon, act):
   mean, var = _stats(x)
-  y = _affine(x, mean, var, scale, bias, epsilon)
-  if relu:
-    y = jnp.maximum(y, 0)
-  y = y.astype(x.dtype)
-  # The output is kept for the ReLU's mask: it is the next layer's input, stored anyway.
-  return (y, mean, var), (x, mean, var, scale, y if relu else None)
+  y = _apply(_affine(x, mean, var, scale, bias, epsilon), act).astype(x.dtype)
+  # The output is kept for the activation's mask: it is the next layer's input, stored
+  # anyway.
+  return (y, mean, var), (x, mean, var, scale, None if act is None else y)
 
 
-def _batch_norm_bwd(epsilon, relu, res, cts):
+def _batch_norm_bwd(epsilon, act, res, cts):
   x, mean, var, scale, y = res
   dy, dmean, dvar = cts
-  g = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype)) if relu else dy
-  return _grads(x, mean, var, scale, g, dmean, dvar, epsilon)
+  return _grads(x, mean, var, scale, _mask(y, dy, act), dmean, dvar, epsilon)
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
@@ -118,7 +147,7 @@ def _batch_norm_add_relu_fwd(x, residual, scale, bias, epsilon):
 def _batch_norm_add_relu_bwd(epsilon, res, cts):
   x, mean, var, scale, y = res
   dy, dmean, dvar = cts
-  g = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
+  g = _mask(y, dy, "relu")
   dx, dscale, dbias = _grads(x, mean, var, scale, g, dmean, dvar, epsilon)
   return dx, g.astype(x.dtype), dscale, dbias
 
@@ -149,23 +178,28 @@ def _grads(x, mean, var, scale, g, dmean, dvar, epsilon):
 
 class BatchNorm(nn.Module):
   """``flax.linen.BatchNorm`` over the last axis (same variables, same numbers) with the
-  hand-written gradient of ``batch_norm_train``; ``relu=True`` applies ``max(y, 0)``
-  inside it. No cross-device statistics (``axis_name``): each device normalises by its
-  own batch, as the library's models always did.
+  hand-written gradient of ``batch_norm_train``; ``activation`` (``'relu'``, ``'relu6'``;
+  ``relu=True`` is short for ``'relu'``) is applied inside it. No cross-device statistics
+  (``axis_name``): each device normalises by its own batch, as the library's models always
+  did.
 
   Attributes: ``use_running_average``, ``momentum`` (running = momentum * running +
   (1 - momentum) * batch), ``epsilon``, ``dtype`` (output dtype; default ``x``'s),
-  ``relu``.
+  ``relu``, ``activation``.
   """
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = None
   relu: bool = False
+  activation: str | None = None
 
   @nn.compact
   def __call__(self, x, residual=None):
     """``x`` ``[..., C]``; ``residual`` (same shape, needs ``relu``) is added before the ReLU."""
+    if self.relu and self.activation not in (None, "relu"):
+      raise ValueError(f"BatchNorm: relu=True and activation={self.activation!r} disagree")
+    act = "relu" if self.relu else _activation(self.activation)
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -176,10 +210,8 @@ class BatchNorm(nn.Module):
       y = _affine(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
       if residual is not None:
         y = y + residual
-      if self.relu:
-        y = jnp.maximum(y, 0)
-      return y.astype(dtype)
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.relu, residual)
+      return _apply(y, act).astype(dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, act, residual)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
