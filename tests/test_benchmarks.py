@@ -269,3 +269,19 @@ def test_ab_times_every_variant_each_repeat():
   assert all(len(t) == 2 and min(t) > 0 for t in times.values())
   with pytest.raises(ValueError, match="unknown setting 'speed'"):
     ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--variants=speed=2"])
+
+
+def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
+  from benchmarks import layers
+  rows = layers.main(["--layers=6,4,4,3;6,4,8,1;7,4,4,3,2,4", "--batch=2", "--repeats=2",
+                      "--pre=both", "--torch_threads=1"])
+  assert [(r["layer"], r["pre"]) for r in rows] == [
+      ([6, 4, 4, 3, 1, 1], False), ([6, 4, 4, 3, 1, 1], True),
+      ([6, 4, 8, 1, 1, 1], False), ([6, 4, 8, 1, 1, 1], True),
+      ([7, 4, 4, 3, 2, 4], False), ([7, 4, 4, 3, 2, 4], True)]
+  assert all(len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] > 0 for r in rows)
+  assert len(layers.parse_layers(layers.RESNET50)) == 12
+  for bad, match in [("6,4,4", "H,Cin,Cout,K"), ("6,4,x,3", "H,Cin,Cout,K"),
+                     ("6,4,6,3,1,4", "groups 4 must divide"), (" ; ", "no layer")]:
+    with pytest.raises(ValueError, match=match):
+      layers.parse_layers(bad)

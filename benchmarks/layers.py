@@ -1,0 +1,138 @@
+"""One convolution layer's forward + backward, the library's against PyTorch's, side by side.
+
+For each layer ``H,Cin,Cout,K[,S[,G]]`` (square ``H x H`` input, ``K x K`` kernel, stride
+``S``, ``G`` groups; ``G = Cin = Cout`` is depthwise) it times, interleaved in one process
+(medians of ``--repeats``):
+
+* JAX: ``jax.grad`` of ``0.5 * sum(conv(x, w)^2)`` with respect to ``x`` and ``w``, the
+  convolution being the models' ``sdl_jax.models.conv.conv_general_dilated`` (so the
+  library's 1x1, depthwise and strided paths on the CPU), jitted;
+* PyTorch: ``conv2d`` on channels-last tensors, the same loss, ``backward()``.
+
+Both with ``--pre``: ``relu(1.1 x + 0.1)`` in front of the convolution, as the BatchNorm and
+ReLU a model puts there (JAX may fuse it into the gradient's passes; PyTorch runs it
+apart). ``SAME`` padding (``K // 2``). The default layers are ResNet-50's convolutions at
+batch 32. Prints a markdown table; returns the rows.
+
+    python -m benchmarks.layers --batch=32 --repeats=5
+    python -m benchmarks.layers --layers="56,64,64,3;112,96,96,3,2,96"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+
+RESNET50 = ("56,64,64,3;28,128,128,3;14,256,256,3;7,512,512,3;"
+            "56,64,256,1;56,256,64,1;28,512,128,1;28,128,512,1;14,1024,256,1;14,256,1024,1;"
+            "7,2048,512,1;7,512,2048,1")
+
+
+def parse_layers(text: str) -> list[tuple[int, ...]]:
+  """``'H,Cin,Cout,K[,S[,G]];...'`` -> ``[(H, Cin, Cout, K, S, G), ...]``."""
+  layers = []
+  for item in filter(None, (t.strip() for t in text.split(";"))):
+    try:
+      v = [int(t) for t in item.split(",")]
+    except ValueError:
+      v = []
+    if not 4 <= len(v) <= 6 or min(v) < 1:
+      raise ValueError(f"--layers: {item!r} is not H,Cin,Cout,K[,S[,G]] of positive integers")
+    h, cin, cout, k = v[:4]
+    s = v[4] if len(v) > 4 else 1
+    g = v[5] if len(v) > 5 else 1
+    if cin % g or cout % g:
+      raise ValueError(f"--layers: {item!r}: groups {g} must divide Cin and Cout")
+    layers.append((h, cin, cout, k, s, g))
+  if not layers:
+    raise ValueError("--layers: no layer given")
+  return layers
+
+
+def _jax_step(h, cin, cout, k, s, g, batch, pre, seed=0):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sdl_jax.models.conv import conv_general_dilated  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(batch, h, h, cin)).astype(np.float32))
+  w = jnp.asarray((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
+
+  def loss(x, w):
+    if pre:
+      x = jax.nn.relu(1.1 * x + 0.1)
+    y = conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2,
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                             feature_group_count=g)
+    return 0.5 * jnp.sum(y * y)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  jax.block_until_ready(grad(x, w))
+  return lambda: jax.block_until_ready(grad(x, w))
+
+
+def _torch_step(h, cin, cout, k, s, g, batch, pre, seed=0):
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  x = torch.from_numpy(rng.normal(size=(batch, h, h, cin)).astype(np.float32)).permute(0, 3, 1, 2)
+  x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+  w = torch.from_numpy((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
+  w = w.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+  def step():
+    xx = torch.relu(1.1 * x + 0.1) if pre else x
+    y = torch.nn.functional.conv2d(xx, w, stride=s, padding=k // 2, groups=g)
+    (0.5 * (y * y).sum()).backward()
+    x.grad = None
+    w.grad = None
+
+  step()
+  return step
+
+
+def main(argv=None) -> list[dict]:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.layers",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--layers", default=RESNET50,
+                 help="';'-separated H,Cin,Cout,K[,S[,G]] (default: ResNet-50's convolutions)")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--pre", choices=("both", "yes", "no"), default="both",
+                 help="relu(1.1 x + 0.1) in front of the convolution: with, without, or both")
+  p.add_argument("--torch_threads", type=int, default=0, help="0: one per CPU")
+  args = p.parse_args(argv)
+  layers = parse_layers(args.layers)
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(args.torch_threads or perf.cpu_count())
+  pres = {"both": (False, True), "yes": (True,), "no": (False,)}[args.pre]
+  rows = []
+  print("| layer (H, Cin->Cout, KxK/S, groups) | pre | JAX ms (min-max) | PyTorch ms (min-max) "
+        "| PyTorch/JAX time |\n|---|---|---|---|---|", flush=True)
+  for h, cin, cout, k, s, g in layers:
+    for pre in pres:
+      steps = {"jax": _jax_step(h, cin, cout, k, s, g, args.batch, pre),
+               "torch": _torch_step(h, cin, cout, k, s, g, args.batch, pre)}
+      times = {name: [] for name in steps}
+      for r in range(args.repeats):
+        for name in (steps if r % 2 == 0 else reversed(list(steps))):
+          t0 = time.perf_counter()
+          steps[name]()
+          times[name].append(time.perf_counter() - t0)
+      med = {name: float(np.median(t)) for name, t in times.items()}
+      row = {"layer": [h, cin, cout, k, s, g], "pre": pre, "batch": args.batch,
+             "jax_s": times["jax"], "torch_s": times["torch"],
+             "ratio": med["torch"] / med["jax"]}
+      rows.append(row)
+      fmt = lambda t: f"{1e3 * np.median(t):.1f} ({1e3 * min(t):.1f}-{1e3 * max(t):.1f})"
+      print(f"| {h}, {cin}->{cout}, {k}x{k}/{s}, {g} | {'yes' if pre else 'no'} "
+            f"| {fmt(times['jax'])} | {fmt(times['torch'])} | {row['ratio']:.2f}x |",
+            flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
