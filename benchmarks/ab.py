@@ -1,6 +1,6 @@
 """Interleaved A/B of the JAX train step under two or more variants of its layers
 (``benchmarks/conv_variants.py``), in one process: each repeat times one step of every
-variant in turn, so drift of the machine's speed hits all of them alike. For changes
+variant in turn (every other repeat in reverse order), so drift of the machine's speed hits all of them alike. For changes
 smaller than the run-to-run spread of ``benchmarks.run``, whose JAX/PyTorch ratios from
 separate runs cannot show them.
 
@@ -65,7 +65,9 @@ def main(argv=None) -> dict:
     conv_variants.use_model_ops()
   times = {v: [] for v in variants}
   for r in range(args.repeats):
-    for v, t in trainers.items():
+    # Every other repeat in reverse order, so that no variant always runs right after
+    # the same one.
+    for v, t in (list(trainers.items()) if r % 2 == 0 else list(trainers.items())[::-1]):
       t0 = time.perf_counter()
       t.step()
       t.sync()
