@@ -6,9 +6,8 @@ Learning via Deep Convolutional Neural Network" (IJCAI 2017).
 Importing the package adds ``sdl_jax.perf.FAST_CPU_XLA_FLAGS`` to ``$XLA_FLAGS`` (XLA:CPU
 convolutions on XLA's own kernels rather than YNNPACK's, whose gradients measured several
 times slower, and XLA:CPU's memory-optimised scheduler; see the README's performance
-section). The flags only act on CPU and only
-if JAX has not started yet; a flag the user already set keeps the user's value, and
-``SDL_JAX_XLA_DEFAULTS=0`` turns this off.
+section). The flags only act on CPU and only if JAX has not started yet; a flag the user
+already set keeps the user's value, and ``SDL_JAX_XLA_DEFAULTS=0`` turns this off.
 """
 
 import os as _os
