@@ -173,8 +173,7 @@ class FlaxBatchNorm(library_norm.BatchNorm):
                      epsilon=self.epsilon, dtype=self.dtype)(x)
     if residual is not None:
       y = y + residual
-    act = "relu" if self.relu else self.activation
-    return {"relu": nn.relu, "relu6": nn.relu6}.get(act, lambda v: v)(y)
+    return {"relu": nn.relu, "relu6": nn.relu6}.get(self.activation, lambda v: v)(y)
 
 
 def autodiff_max_pool_3x3_s2(x):

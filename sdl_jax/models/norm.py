@@ -27,9 +27,9 @@ def batch_norm_train(x, scale, bias, epsilon, activation=None, residual=None):
   """Training-mode BatchNorm of ``x`` ``[..., C]`` over all axes but the last.
 
   ``mean = E[x]``, ``var = max(E[x^2] - mean^2, 0)``, ``r = (var + epsilon)^(-1/2)``,
-  ``y = (x - mean) * r * scale + bias``, then the ``activation``: ``'relu'`` (or ``True``)
-  ``max(y, 0)``, ``'relu6'`` ``min(max(y, 0), 6)``, ``None`` (or ``False``) none; with a
-  ``residual`` (needs ``'relu'``) ``max(y + residual, 0)``. Statistics and arithmetic are
+  ``y = (x - mean) * r * scale + bias``, then the ``activation``: ``'relu'`` ``max(y, 0)``,
+  ``'relu6'`` ``min(max(y, 0), 6)``, ``None`` none; with a ``residual`` (needs ``'relu'``)
+  ``max(y + residual, 0)``. Statistics and arithmetic are
   at least float32; ``y`` has ``x``'s dtype.
 
   Returns ``(y, mean, var)``, the statistics float32 ``[C]``. Gradient (``custom_vjp``),
@@ -51,7 +51,8 @@ def batch_norm_train(x, scale, bias, epsilon, activation=None, residual=None):
     f = _batch_norm if hand else lambda *a: _batch_norm_fwd(*a)[0]
     return f(x, scale, bias, float(epsilon), act)
   if act != "relu":
-    raise ValueError("batch_norm_train: a residual is only added before a ReLU (relu=True)")
+    raise ValueError("batch_norm_train: a residual is only added before a ReLU "
+                     "(activation='relu')")
   f = _batch_norm_add_relu if hand else lambda *a: _batch_norm_add_relu_fwd(*a)[0]
   # In x's dtype, so that its cotangent (the masked dy) is too; autodiff casts it back.
   return f(x, residual.astype(x.dtype), scale, bias, float(epsilon))
@@ -61,11 +62,7 @@ ACTIVATIONS = (None, "relu", "relu6")
 
 
 def _activation(activation):
-  """``None``/``False`` -> None, ``True`` -> ``'relu'``; ``'relu'``/``'relu6'`` as they are."""
-  if activation is True:
-    return "relu"
-  if activation is False:
-    return None
+  """``activation`` if it is one of ``ACTIVATIONS``, else a ValueError."""
   if activation not in ACTIVATIONS:
     raise ValueError(f"BatchNorm activation must be one of {ACTIVATIONS}, got {activation!r}")
   return activation
@@ -178,28 +175,26 @@ def _grads(x, mean, var, scale, g, dmean, dvar, epsilon):
 
 class BatchNorm(nn.Module):
   """``flax.linen.BatchNorm`` over the last axis (same variables, same numbers) with the
-  hand-written gradient of ``batch_norm_train``; ``activation`` (``'relu'``, ``'relu6'``;
-  ``relu=True`` is short for ``'relu'``) is applied inside it. No cross-device statistics
+  hand-written gradient of ``batch_norm_train``; ``activation`` (``'relu'``, ``'relu6'``)
+  is applied inside it. No cross-device statistics
   (``axis_name``): each device normalises by its own batch, as the library's models always
   did.
 
   Attributes: ``use_running_average``, ``momentum`` (running = momentum * running +
   (1 - momentum) * batch), ``epsilon``, ``dtype`` (output dtype; default ``x``'s),
-  ``relu``, ``activation``.
+  ``activation``.
   """
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = None
-  relu: bool = False
   activation: str | None = None
 
   @nn.compact
   def __call__(self, x, residual=None):
-    """``x`` ``[..., C]``; ``residual`` (same shape, needs ``relu``) is added before the ReLU."""
-    if self.relu and self.activation not in (None, "relu"):
-      raise ValueError(f"BatchNorm: relu=True and activation={self.activation!r} disagree")
-    act = "relu" if self.relu else _activation(self.activation)
+    """``x`` ``[..., C]``; ``residual`` (same shape, needs ``activation='relu'``) is added
+    before the ReLU."""
+    act = _activation(self.activation)
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)

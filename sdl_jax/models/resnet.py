@@ -108,14 +108,14 @@ class Bottleneck(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
     s = (self.stride,) * 2
-    h = norm(name="bn1", relu=True)(conv(self.width, (1, 1), padding="VALID", name="conv1")(x))
+    h = norm(name="bn1", activation="relu")(conv(self.width, (1, 1), padding="VALID", name="conv1")(x))
     h = conv(self.width, (3, 3), strides=s, padding=((1, 1), (1, 1)), name="conv2")(h)
-    h = norm(name="bn2", relu=True)(h)
+    h = norm(name="bn2", activation="relu")(h)
     h = conv(self.width * 4, (1, 1), padding="VALID", name="conv3")(h)
     if self.downsample:
       x = conv(self.width * 4, (1, 1), strides=s, padding="VALID", name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
-    return norm(name="bn3", relu=True)(h, residual=x)  # relu(bn3(h) + x)
+    return norm(name="bn3", activation="relu")(h, residual=x)  # relu(bn3(h) + x)
 
 
 class ResNet50(nn.Module):
@@ -135,7 +135,7 @@ class ResNet50(nn.Module):
     x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 dtype=self.dtype, conv_general_dilated=conv_general_dilated, name="conv1")(x)
     x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                  dtype=self.dtype, relu=True, name="bn1")(x)
+                  dtype=self.dtype, activation="relu", name="bn1")(x)
     x = max_pool_3x3_s2(x)
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
