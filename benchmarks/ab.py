@@ -39,8 +39,9 @@ def main(argv=None) -> dict:
   p.add_argument("--model_kwargs", default="{}", help="JSON keyword arguments of the model")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--variants", default="library,dw_strided_autodiff",
-                 help="comma-separated variants: a --conv name, norm=..., pool=..., or several "
-                      "joined by '+' (benchmarks/conv_variants.py)")
+                 help="comma-separated variants: a --conv name, norm=..., pool=..., an XLA "
+                      "option xla_...=value, or several joined by '+' "
+                      "(benchmarks/conv_variants.py)")
   args = p.parse_args(argv)
 
   from benchmarks import conv_variants, jax_train  # pylint: disable=g-import-not-at-top

@@ -45,7 +45,8 @@ def append_xla_flags(flags: Sequence[str], keep_user_values: bool = False) -> st
 # - the memory-optimised scheduler: XLA:CPU allocates a step's temporaries afresh on every
 #   call, and glibc maps buffers that large anew each time, so every page of them
 #   page-faults once per step; a smaller buffer assignment (ResNet-50 at batch 32: 2573
-#   instead of 4026 MiB) made ResNet-50's step ~10% and VGG-16's ~5% faster, the others level.
+#   instead of 4026 MiB) made ResNet-50's step 7% faster (benchmarks.ab, 7 of 7 repeats),
+#   the other models level.
 # Ignored by other backends.
 FAST_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
                       "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
