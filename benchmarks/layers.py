@@ -7,7 +7,15 @@ For each layer ``H,Cin,Cout,K[,S[,G]]`` (square ``H x H`` input, ``K x K`` kerne
 * JAX: ``jax.grad`` of ``0.5 * sum(conv(x, w)^2)`` with respect to ``x`` and ``w``, the
   convolution being the models' ``sdl_jax.models.conv.conv_general_dilated`` (so the
   library's 1x1, depthwise and strided paths on the CPU), jitted;
-* PyTorch: ``conv2d`` on channels-last tensors, the same loss, ``backward()``.
+* PyTorch: ``conv2d`` on channels-last tensors, the same loss, ``backward()``
+  (part ``step``).
+
+With ``--split`` each direction is timed on its own instead, as rows ``forward``,
+``input grad`` and ``weight grad`` (JAX: one jitted function each, the gradients through
+``jax.vjp`` with the same fixed output gradient on both sides; PyTorch: ``conv2d`` under
+``no_grad`` and ``aten.convolution_backward`` for one of its two outputs), to show which
+of the three kernels a gap sits in. With ``--pre`` the forward pass and the weight
+gradient include ``pre`` on both sides; the input gradient is the convolution's own.
 
 Both with ``--pre``: ``relu(1.1 x + 0.1)`` in front of the convolution, as the BatchNorm and
 ReLU a model puts there (JAX may fuse it into the gradient's passes; PyTorch runs it
@@ -16,6 +24,7 @@ batch 32. Prints a markdown table; returns the rows.
 
     python -m benchmarks.layers --batch=32 --repeats=5
     python -m benchmarks.layers --layers="56,64,64,3;112,96,96,3,2,96"
+    python -m benchmarks.layers --split --pre=no --layers="64,32,32,3;56,64,64,3"
 """
 
 from __future__ import annotations
@@ -75,6 +84,71 @@ def _jax_step(h, cin, cout, k, s, g, batch, pre, seed=0):
   return lambda: jax.block_until_ready(grad(x, w))
 
 
+def _jax_parts(h, cin, cout, k, s, g, batch, pre, seed=0):
+  """``{part: call}`` timing the forward pass, input gradient and weight gradient apart."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sdl_jax.models.conv import conv_general_dilated  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(batch, h, h, cin)).astype(np.float32))
+  w = jnp.asarray((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
+
+  def conv(x, w):
+    return conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2,
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                feature_group_count=g)
+
+  pre_fn = (lambda x: jax.nn.relu(1.1 * x + 0.1)) if pre else (lambda x: x)
+  dy = jnp.asarray(rng.normal(size=jax.eval_shape(conv, x, w).shape).astype(np.float32))
+  # The input gradient is the convolution's (with respect to pre(x), which it does not
+  # need); the forward pass and the weight gradient compute pre(x) inside, fusable.
+  fns = {"forward": (jax.jit(lambda x, w: conv(pre_fn(x), w)), (x, w)),
+         "input grad": (jax.jit(lambda w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]),
+                        (w, dy)),
+         "weight grad": (jax.jit(lambda x, dy: jax.vjp(lambda w_: conv(pre_fn(x), w_), w)[1](dy)[0]),
+                         (x, dy))}
+  calls = {}  # Each returns its result (NHWC, or HWIO for the weight gradient).
+  for part, (fn, args) in fns.items():
+    jax.block_until_ready(fn(*args))
+    calls[part] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+  return calls
+
+
+def _torch_parts(h, cin, cout, k, s, g, batch, pre, seed=0):
+  """PyTorch's ``{part: call}`` for the same three, on channels-last tensors."""
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  x = torch.from_numpy(rng.normal(size=(batch, h, h, cin)).astype(np.float32)).permute(0, 3, 1, 2)
+  x = x.contiguous(memory_format=torch.channels_last)
+  w = torch.from_numpy((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
+  w = w.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+  conv = lambda xx: torch.nn.functional.conv2d(xx, w, stride=s, padding=k // 2, groups=g)
+  with torch.no_grad():
+    shape = conv(x).shape  # NCHW
+  # The same output gradient as _jax_parts' (same seed, same draws).
+  dy = torch.from_numpy(rng.normal(size=(shape[0], shape[2], shape[3], shape[1]))
+                        .astype(np.float32)).permute(0, 3, 1, 2)
+  dy = dy.contiguous(memory_format=torch.channels_last)
+
+  def backward(mask):
+    # The convolution's input is pre(x), as in the forward part: PyTorch computes it too.
+    # Only the input gradient of the convolution itself, not through pre().
+    with torch.no_grad():
+      xx = torch.relu(1.1 * x + 0.1) if pre else x
+      return torch.ops.aten.convolution_backward(dy, xx, w, None, [s, s], [k // 2, k // 2],
+                                                 [1, 1], False, [0, 0], g, mask)
+
+  def forward():
+    with torch.no_grad():
+      return conv(torch.relu(1.1 * x + 0.1) if pre else x)
+
+  calls = {"forward": forward, "input grad": lambda: backward([True, False, False])[0],
+           "weight grad": lambda: backward([False, True, False])[1]}
+  for call in calls.values():
+    call()
+  return calls
+
+
 def _torch_step(h, cin, cout, k, s, g, batch, pre, seed=0):
   import torch  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
@@ -103,6 +177,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--pre", choices=("both", "yes", "no"), default="both",
                  help="relu(1.1 x + 0.1) in front of the convolution: with, without, or both")
+  p.add_argument("--split", action="store_true",
+                 help="time the forward pass, input gradient and weight gradient apart")
   p.add_argument("--torch_threads", type=int, default=0, help="0: one per CPU")
   args = p.parse_args(argv)
   layers = parse_layers(args.layers)
@@ -110,27 +186,35 @@ def main(argv=None) -> list[dict]:
   torch.set_num_threads(args.torch_threads or perf.cpu_count())
   pres = {"both": (False, True), "yes": (True,), "no": (False,)}[args.pre]
   rows = []
-  print("| layer (H, Cin->Cout, KxK/S, groups) | pre | JAX ms (min-max) | PyTorch ms (min-max) "
-        "| PyTorch/JAX time |\n|---|---|---|---|---|", flush=True)
+  print(f"CPU: {perf.cpu_model()} ({', '.join(perf.cpu_isa()) or 'ISA unknown'}), "
+        f"{perf.cpu_count()} CPUs usable; batch {args.batch}, {args.repeats} repeats\n",
+        flush=True)
+  print("| layer (H, Cin->Cout, KxK/S, groups) | pre | part | JAX ms (min-max) "
+        "| PyTorch ms (min-max) | PyTorch/JAX time |\n|---|---|---|---|---|---|", flush=True)
   for h, cin, cout, k, s, g in layers:
     for pre in pres:
-      steps = {"jax": _jax_step(h, cin, cout, k, s, g, args.batch, pre),
-               "torch": _torch_step(h, cin, cout, k, s, g, args.batch, pre)}
-      times = {name: [] for name in steps}
-      for r in range(args.repeats):
-        for name in (steps if r % 2 == 0 else reversed(list(steps))):
-          t0 = time.perf_counter()
-          steps[name]()
-          times[name].append(time.perf_counter() - t0)
-      med = {name: float(np.median(t)) for name, t in times.items()}
-      row = {"layer": [h, cin, cout, k, s, g], "pre": pre, "batch": args.batch,
-             "jax_s": times["jax"], "torch_s": times["torch"],
-             "ratio": med["torch"] / med["jax"]}
-      rows.append(row)
-      fmt = lambda t: f"{1e3 * np.median(t):.1f} ({1e3 * min(t):.1f}-{1e3 * max(t):.1f})"
-      print(f"| {h}, {cin}->{cout}, {k}x{k}/{s}, {g} | {'yes' if pre else 'no'} "
-            f"| {fmt(times['jax'])} | {fmt(times['torch'])} | {row['ratio']:.2f}x |",
-            flush=True)
+      spec = (h, cin, cout, k, s, g, args.batch, pre)
+      if args.split:
+        sides = {"jax": _jax_parts(*spec), "torch": _torch_parts(*spec)}
+      else:
+        sides = {"jax": {"step": _jax_step(*spec)}, "torch": {"step": _torch_step(*spec)}}
+      for part in sides["jax"]:
+        steps = {name: calls[part] for name, calls in sides.items()}
+        times = {name: [] for name in steps}
+        for r in range(args.repeats):
+          for name in (steps if r % 2 == 0 else reversed(list(steps))):
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+        med = {name: float(np.median(t)) for name, t in times.items()}
+        row = {"layer": [h, cin, cout, k, s, g], "pre": pre, "part": part,
+               "batch": args.batch, "jax_s": times["jax"], "torch_s": times["torch"],
+               "ratio": med["torch"] / med["jax"]}
+        rows.append(row)
+        fmt = lambda t: f"{1e3 * np.median(t):.1f} ({1e3 * min(t):.1f}-{1e3 * max(t):.1f})"
+        print(f"| {h}, {cin}->{cout}, {k}x{k}/{s}, {g} | {'yes' if pre else 'no'} | {part} "
+              f"| {fmt(times['jax'])} | {fmt(times['torch'])} | {row['ratio']:.2f}x |",
+              flush=True)
   return rows
 
 

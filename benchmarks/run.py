@@ -165,6 +165,7 @@ def environment(args, torch_device) -> dict:
       "python": platform.python_version(),
       "platform": platform.platform(),
       "cpu": perf.cpu_model(),
+      "cpu_isa": perf.cpu_isa(),
       "cpus": perf.cpu_count(),
       "jax": jax.__version__,
       "backend": jax.default_backend(),
@@ -381,7 +382,8 @@ def markdown(results: dict) -> str:
   lines = ["## Environment", "",
            f"- command: `{env['command']}`",
            f"- devices: {', '.join(env['devices'])} ({env['device_kind']}); CPU: "
-           f"{env['cpu']}, {env['cpus']} CPUs usable",
+           f"{env['cpu']} ({', '.join(env.get('cpu_isa') or ['ISA unknown'])}), "
+           f"{env['cpus']} CPUs usable",
            f"- jax {env['jax']}, flax {env.get('flax')}, optax {env.get('optax')}"
            + (f", torch {env['torch']} on {env['torch_device']}" if env.get("torch") else ""),
            f"- threads: XLA intra-op pool {env['xla_threads']} (one per CPU)"

@@ -81,6 +81,28 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+# The vector and matrix extensions that decide which kernels the libraries run (oneDNN,
+# YNNPACK and LLVM pick theirs at run time): ratios measured on an AVX2 machine need not
+# hold on an AVX-512 one (README, "Performance").
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_isa(cpuinfo: str | None = None) -> list[str]:
+  """Which of ``ISA_FLAGS`` the CPU has, from the ``flags`` line of ``/proc/cpuinfo``
+  (or of the text ``cpuinfo``); ``[]`` where there is no such line (not Linux/x86)."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return []
+  for line in cpuinfo.splitlines():
+    if line.startswith("flags"):
+      have = set(line.split(":", 1)[1].split())
+      return [flag for flag in ISA_FLAGS if flag in have]
+  return []
+
+
 def time_call(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = lambda r: r):
   """Seconds per call of ``fn()``, one figure per repeat (``sync`` waits for the result)."""
   times = []

@@ -111,6 +111,16 @@ def test_jax_matmul_peak_is_a_rate():
   assert np.isfinite(flops) and flops > 0
 
 
+def test_cpu_isa_reads_the_flags_line_in_a_fixed_order():
+  text = ("processor\t: 0\nmodel name\t: Some CPU\n"
+          "flags\t\t: fpu sse2 avx512f fma avx2 amx_tile amx_bf16 avx512_bf16x\n")
+  # avx512_bf16x is another flag: whole words only; the order is ISA_FLAGS'.
+  assert perf.cpu_isa(text) == ["avx2", "fma", "avx512f", "amx_bf16"]
+  assert perf.cpu_isa("processor\t: 0\nflags\t: fpu sse2\n") == []
+  assert perf.cpu_isa("no flags here") == []
+  assert set(perf.cpu_isa()) <= set(perf.ISA_FLAGS)
+
+
 def _torch_inputs(n=6, c=5, seed=0):
   rng = np.random.default_rng(seed)
   logits = rng.normal(size=(n, c)).astype(np.float32)
@@ -187,6 +197,7 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
 
   assert res["env"]["local_devices"] >= 1 and res["env"]["devices"]
   assert res["env"]["torch_threads"] >= 1
+  assert res["env"]["cpu_isa"] == perf.cpu_isa()
   assert res["peak"]["peak"] > 0
 
   (train,) = res["train"]
@@ -280,8 +291,32 @@ def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
       ([6, 4, 8, 1, 1, 1], False), ([6, 4, 8, 1, 1, 1], True),
       ([7, 4, 4, 3, 2, 4], False), ([7, 4, 4, 3, 2, 4], True)]
   assert all(len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] > 0 for r in rows)
+  assert {r["part"] for r in rows} == {"step"}
   assert len(layers.parse_layers(layers.RESNET50)) == 12
   for bad, match in [("6,4,4", "H,Cin,Cout,K"), ("6,4,x,3", "H,Cin,Cout,K"),
                      ("6,4,6,3,1,4", "groups 4 must divide"), (" ; ", "no layer")]:
     with pytest.raises(ValueError, match=match):
       layers.parse_layers(bad)
+
+
+def test_layers_split_times_each_direction_on_both_sides(capsys):
+  from benchmarks import layers
+  rows = layers.main(["--layers=6,4,4,3;7,4,4,3,2,4", "--batch=2", "--repeats=2", "--pre=yes",
+                      "--split", "--torch_threads=1"])
+  parts = ["forward", "input grad", "weight grad"]
+  assert [(r["layer"], r["part"]) for r in rows] == (
+      [([6, 4, 4, 3, 1, 1], p) for p in parts] + [([7, 4, 4, 3, 2, 4], p) for p in parts])
+  assert all(r["pre"] and len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] > 0
+             for r in rows)
+  out = capsys.readouterr().out
+  assert "| 7, 4->4, 3x3/2, 4 | yes | weight grad |" in out and "CPUs usable" in out
+  # Both sides compute the same three results from the same inputs.
+  for spec in [(6, 4, 4, 3, 1, 1), (7, 4, 4, 3, 2, 4), (6, 4, 8, 1, 1, 1)]:
+    jax_parts = layers._jax_parts(*spec, batch=2, pre=True)
+    torch_parts = layers._torch_parts(*spec, batch=2, pre=True)
+    to_jax_layout = {"forward": (0, 2, 3, 1), "input grad": (0, 2, 3, 1),
+                     "weight grad": (2, 3, 1, 0)}
+    for part, axes in to_jax_layout.items():
+      want = torch_parts[part]().permute(*axes).numpy()
+      np.testing.assert_allclose(np.asarray(jax_parts[part]()), want, rtol=1e-4, atol=1e-4,
+                                 err_msg=f"{spec} {part}")
