@@ -18,6 +18,9 @@ model module for one run, so whole-model effects are measured by the same tool. 
   weight gradient instead of ``strided`` (the library before session 5);
 * ``dw_strided_autodiff``: the library with strided depthwise convolutions' input gradient
   by autodiff of the taps instead of by stride phase (the library before session 6);
+* ``dw_batch_split``: dense stride-1 KxK convolutions (K > 1) with XLA's own weight
+  gradient summed over 4 (or 2) slices of the batch (session 8, an AVX-512 machine where
+  that gradient did not use both cores);
 * ``tap_matmul_dw``: the weight gradient of every non-depthwise convolution as per-tap
   matmuls (``tap_matmul_conv``; the library's convolution before the XLA flag was found),
   depthwise ones as in ``library``.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import flax.linen as nn
 import jax
@@ -149,10 +153,53 @@ def _autodiff_strided_input_grad(dy, w, hw, strides, padding):
   return jax.vjp(lambda x_: library_conv.depthwise_taps(x_, w, strides, padding), x)[1](dy)[0]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dw_split(x, w, strides, padding, chunks):
+  return _conv(x, w, strides, padding, 1)
+
+
+def _dw_split_fwd(x, w, strides, padding, chunks):
+  return _conv(x, w, strides, padding, 1), (x, w)
+
+
+def _dw_split_bwd(strides, padding, chunks, res, g):
+  """XLA's own gradients, the weight gradient summed over ``chunks`` slices of the batch."""
+  x, w = res
+  (dx,) = jax.vjp(lambda x_: _conv(x_, w, strides, padding, 1), x)[1](g)
+  dw = None
+  for xs, gs in zip(jnp.split(x, chunks), jnp.split(g, chunks)):
+    (part,) = jax.vjp(lambda w_: _conv(xs, w_, strides, padding, 1), w)[1](gs)
+    dw = part if dw is None else dw + part
+  return dx, dw
+
+
+_dw_split.defvjp(_dw_split_fwd, _dw_split_bwd)
+
+
+def dw_batch_split_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                        rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                        batch_group_count=1, precision=None, preferred_element_type=None):
+  """The library's convolution, but dense stride-1 KxK (K > 1) ones take their weight
+  gradient as the sum of ``gcd(batch, 4)`` batch slices' (``--conv=dw_batch_split``)."""
+  dense = (precision is None and feature_group_count == 1
+           and all(s == 1 for s in window_strides) and tuple(rhs.shape[:2]) != (1, 1)
+           and math.gcd(lhs.shape[0], 4) > 1
+           and library_conv.is_plain_nhwc(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
+                                          dimension_numbers, batch_group_count,
+                                          preferred_element_type))
+  if not dense:
+    return library_conv.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  padding = library_conv.explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
+  return _dw_split(lhs, rhs, tuple(window_strides), padding, math.gcd(lhs.shape[0], 4))
+
+
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
     "tap_matmul_dw": tap_matmul_conv,
+    "dw_batch_split": dw_batch_split_conv,
     "no_pointwise": no_pointwise_conv,
     "no_strided": no_strided_conv,
     "taps_autodiff": taps_autodiff_conv,

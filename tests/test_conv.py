@@ -8,7 +8,8 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from benchmarks.conv_variants import no_strided_conv, tap_matmul_conv, taps_autodiff_conv
+from benchmarks.conv_variants import (dw_batch_split_conv, no_strided_conv, tap_matmul_conv,
+                                     taps_autodiff_conv)
 from sdl_jax.models.conv import conv_general_dilated as fast_conv
 from sdl_jax.models.conv import (depthwise_input_grad_strided, depthwise_weight_grad,
                                  strided_weight_grad)
@@ -37,8 +38,9 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
 
 
 @pytest.mark.parametrize("impl", [fast_conv, tap_matmul_conv, taps_autodiff_conv,
-                                  no_strided_conv],
-                         ids=["library", "tap_matmul", "taps_autodiff", "no_strided"])
+                                  no_strided_conv, dw_batch_split_conv],
+                         ids=["library", "tap_matmul", "taps_autodiff", "no_strided",
+                              "dw_batch_split"])
 @pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", CASES)
 def test_value_and_gradients_equal_lax(impl, h, cin, cout, k, strides, padding, groups):
   rng = np.random.default_rng(h + k)
