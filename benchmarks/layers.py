@@ -63,20 +63,36 @@ def parse_layers(text: str) -> list[tuple[int, ...]]:
   return layers
 
 
+def _inputs(h, cin, cout, k, g, batch, seed):
+  """The layer's input ``[batch, h, h, cin]`` and weights ``[k, k, cin / g, cout]`` (float32
+  NumPy, NHWC / HWIO) and the generator that drew them: both sides take the same."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, h, h, cin)).astype(np.float32)
+  w = (rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32)
+  return rng, x, w
+
+
+def _jax_conv(k, s, g):
+  """The models' convolution (``SAME`` padding ``k // 2``, stride ``s``, ``g`` groups)."""
+  from sdl_jax.models.conv import conv_general_dilated  # pylint: disable=g-import-not-at-top
+  return lambda x, w: conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2,
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                           feature_group_count=g)
+
+
+def _pre(x, relu):
+  """``relu(1.1 x + 0.1)``, as a model's BatchNorm + ReLU before a convolution (either library)."""
+  return relu(1.1 * x + 0.1)
+
+
 def _jax_step(h, cin, cout, k, s, g, batch, pre, seed=0):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sdl_jax.models.conv import conv_general_dilated  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(batch, h, h, cin)).astype(np.float32))
-  w = jnp.asarray((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
+  _, x, w = _inputs(h, cin, cout, k, g, batch, seed)
+  x, w, conv = jnp.asarray(x), jnp.asarray(w), _jax_conv(k, s, g)
 
   def loss(x, w):
-    if pre:
-      x = jax.nn.relu(1.1 * x + 0.1)
-    y = conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2,
-                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                             feature_group_count=g)
+    y = conv(_pre(x, jax.nn.relu) if pre else x, w)
     return 0.5 * jnp.sum(y * y)
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -85,62 +101,59 @@ def _jax_step(h, cin, cout, k, s, g, batch, pre, seed=0):
 
 
 def _jax_parts(h, cin, cout, k, s, g, batch, pre, seed=0):
-  """``{part: call}`` timing the forward pass, input gradient and weight gradient apart."""
+  """``{part: call}`` timing the forward pass, input gradient and weight gradient apart;
+  each call returns its result (NHWC, or HWIO for the weight gradient)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sdl_jax.models.conv import conv_general_dilated  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(batch, h, h, cin)).astype(np.float32))
-  w = jnp.asarray((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
-
-  def conv(x, w):
-    return conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2,
-                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                feature_group_count=g)
-
-  pre_fn = (lambda x: jax.nn.relu(1.1 * x + 0.1)) if pre else (lambda x: x)
+  rng, x, w = _inputs(h, cin, cout, k, g, batch, seed)
+  x, w, conv = jnp.asarray(x), jnp.asarray(w), _jax_conv(k, s, g)
+  pre_fn = (lambda x: _pre(x, jax.nn.relu)) if pre else (lambda x: x)
   dy = jnp.asarray(rng.normal(size=jax.eval_shape(conv, x, w).shape).astype(np.float32))
-  # The input gradient is the convolution's (with respect to pre(x), which it does not
+  # The input gradient is the convolution's own (with respect to pre(x), which it does not
   # need); the forward pass and the weight gradient compute pre(x) inside, fusable.
+  input_grad = lambda w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]
+  weight_grad = lambda x, dy: jax.vjp(lambda w_: conv(pre_fn(x), w_), w)[1](dy)[0]
   fns = {"forward": (jax.jit(lambda x, w: conv(pre_fn(x), w)), (x, w)),
-         "input grad": (jax.jit(lambda w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]),
-                        (w, dy)),
-         "weight grad": (jax.jit(lambda x, dy: jax.vjp(lambda w_: conv(pre_fn(x), w_), w)[1](dy)[0]),
-                         (x, dy))}
-  calls = {}  # Each returns its result (NHWC, or HWIO for the weight gradient).
+         "input grad": (jax.jit(input_grad), (w, dy)),
+         "weight grad": (jax.jit(weight_grad), (x, dy))}
+  calls = {}
   for part, (fn, args) in fns.items():
     jax.block_until_ready(fn(*args))
     calls[part] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
   return calls
 
 
-def _torch_parts(h, cin, cout, k, s, g, batch, pre, seed=0):
-  """PyTorch's ``{part: call}`` for the same three, on channels-last tensors."""
+def _torch_tensors(x, w):
+  """NHWC input and HWIO weights (NumPy) as PyTorch's channels-last NCHW and OIHW."""
   import torch  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  x = torch.from_numpy(rng.normal(size=(batch, h, h, cin)).astype(np.float32)).permute(0, 3, 1, 2)
-  x = x.contiguous(memory_format=torch.channels_last)
-  w = torch.from_numpy((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
-  w = w.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
+  return (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last),
+          torch.from_numpy(w).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last))
+
+
+def _torch_parts(h, cin, cout, k, s, g, batch, pre, seed=0):
+  """PyTorch's ``{part: call}`` for the same three, on channels-last tensors; each call
+  returns its result (NCHW, or OIHW for the weight gradient)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  rng, x, w = _inputs(h, cin, cout, k, g, batch, seed)
+  x, w = _torch_tensors(x, w)
   conv = lambda xx: torch.nn.functional.conv2d(xx, w, stride=s, padding=k // 2, groups=g)
   with torch.no_grad():
-    shape = conv(x).shape  # NCHW
-  # The same output gradient as _jax_parts' (same seed, same draws).
-  dy = torch.from_numpy(rng.normal(size=(shape[0], shape[2], shape[3], shape[1]))
-                        .astype(np.float32)).permute(0, 3, 1, 2)
-  dy = dy.contiguous(memory_format=torch.channels_last)
+    n, c, ho, wo = conv(x).shape
+  # The same output gradient as _jax_parts' (the generator's next draw, NHWC).
+  dy = torch.from_numpy(rng.normal(size=(n, ho, wo, c)).astype(np.float32))
+  dy = dy.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+  pre_fn = (lambda x: _pre(x, torch.relu)) if pre else (lambda x: x)
 
   def backward(mask):
-    # The convolution's input is pre(x), as in the forward part: PyTorch computes it too.
-    # Only the input gradient of the convolution itself, not through pre().
+    # Given the convolution's input pre(x), computed here as in the forward part.
     with torch.no_grad():
-      xx = torch.relu(1.1 * x + 0.1) if pre else x
-      return torch.ops.aten.convolution_backward(dy, xx, w, None, [s, s], [k // 2, k // 2],
-                                                 [1, 1], False, [0, 0], g, mask)
+      return torch.ops.aten.convolution_backward(dy, pre_fn(x), w, None, [s, s],
+                                                 [k // 2, k // 2], [1, 1], False, [0, 0],
+                                                 g, mask)
 
   def forward():
     with torch.no_grad():
-      return conv(torch.relu(1.1 * x + 0.1) if pre else x)
+      return conv(pre_fn(x))
 
   calls = {"forward": forward, "input grad": lambda: backward([True, False, False])[0],
            "weight grad": lambda: backward([False, True, False])[1]}
@@ -151,14 +164,11 @@ def _torch_parts(h, cin, cout, k, s, g, batch, pre, seed=0):
 
 def _torch_step(h, cin, cout, k, s, g, batch, pre, seed=0):
   import torch  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  x = torch.from_numpy(rng.normal(size=(batch, h, h, cin)).astype(np.float32)).permute(0, 3, 1, 2)
-  x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-  w = torch.from_numpy((rng.normal(size=(k, k, cin // g, cout)) * 0.1).astype(np.float32))
-  w = w.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+  _, x, w = _inputs(h, cin, cout, k, g, batch, seed)
+  x, w = (t.requires_grad_() for t in _torch_tensors(x, w))
 
   def step():
-    xx = torch.relu(1.1 * x + 0.1) if pre else x
+    xx = _pre(x, torch.relu) if pre else x
     y = torch.nn.functional.conv2d(xx, w, stride=s, padding=k // 2, groups=g)
     (0.5 * (y * y).sum()).backward()
     x.grad = None
