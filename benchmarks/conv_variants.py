@@ -6,7 +6,10 @@ For experiments only: the library's models use ``sdl_jax.models.conv.conv_genera
 (XLA's own convolutions, depthwise ones as shifted taps); ``--conv`` replaces it in every
 model module for one run, so whole-model effects are measured by the same tool. Variants:
 
-* ``library``: unchanged;
+* ``library``: unchanged (dense convolutions on oneDNN where ``sdl_jax.models.dnnl`` is
+  available);
+* ``no_dnnl``: the library with oneDNN off (XLA's kernels and the hand paths); the
+  variants below run with oneDNN off too, as earlier states of the library;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
 * ``no_pointwise``: the library without its 1x1 path (``pointwise``): 1x1 convolutions by
   ``lax.conv_general_dilated`` and its autodiff gradient, depthwise ones as in ``library``;
@@ -38,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sdl_jax.models import conv as library_conv
+from sdl_jax.models import dnnl as library_dnnl
 from sdl_jax.models import efficientnet_lite as library_lite
 from sdl_jax.models import norm as library_norm
 from sdl_jax.models import resnet as library_resnet
@@ -101,6 +105,20 @@ def tap_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
         feature_group_count, batch_group_count, precision, preferred_element_type)
   padding = library_conv.explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
   return _tap_matmul(lhs, rhs, tuple(window_strides), padding, int(feature_group_count))
+
+
+def without_dnnl(conv):
+  """``conv`` traced with oneDNN off (``dnnl.disabled``): its dense convolutions on XLA's
+  kernels and the hand paths, as on a machine without oneDNN (and as the library was
+  before session 8)."""
+  @functools.wraps(conv)
+  def wrapped(*args, **kwargs):
+    with library_dnnl.disabled():
+      return conv(*args, **kwargs)
+  return wrapped
+
+
+no_dnnl_conv = without_dnnl(library_conv.conv_general_dilated)
 
 
 def no_pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -198,11 +216,13 @@ def dw_batch_split_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
 VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
-    "tap_matmul_dw": tap_matmul_conv,
-    "dw_batch_split": dw_batch_split_conv,
-    "no_pointwise": no_pointwise_conv,
-    "no_strided": no_strided_conv,
-    "taps_autodiff": taps_autodiff_conv,
+    "no_dnnl": no_dnnl_conv,
+    # Earlier states of the library, before its dense convolutions went to oneDNN.
+    "tap_matmul_dw": without_dnnl(tap_matmul_conv),
+    "dw_batch_split": without_dnnl(dw_batch_split_conv),
+    "no_pointwise": without_dnnl(no_pointwise_conv),
+    "no_strided": without_dnnl(no_strided_conv),
+    "taps_autodiff": without_dnnl(taps_autodiff_conv),
     # The library's convolution; ``use`` swaps its strided depthwise input gradient.
     "dw_strided_autodiff": library_conv.conv_general_dilated,
 }

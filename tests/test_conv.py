@@ -8,8 +8,9 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from benchmarks.conv_variants import (dw_batch_split_conv, no_strided_conv, tap_matmul_conv,
-                                     taps_autodiff_conv)
+from benchmarks.conv_variants import (dw_batch_split_conv, no_dnnl_conv, no_strided_conv,
+                                     tap_matmul_conv, taps_autodiff_conv)
+from sdl_jax.models import dnnl
 from sdl_jax.models.conv import conv_general_dilated as fast_conv
 from sdl_jax.models.conv import (depthwise_input_grad_strided, depthwise_weight_grad,
                                  strided_weight_grad)
@@ -37,10 +38,10 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
 ]
 
 
-@pytest.mark.parametrize("impl", [fast_conv, tap_matmul_conv, taps_autodiff_conv,
-                                  no_strided_conv, dw_batch_split_conv],
-                         ids=["library", "tap_matmul", "taps_autodiff", "no_strided",
-                              "dw_batch_split"])
+@pytest.mark.parametrize("impl", [fast_conv, no_dnnl_conv, tap_matmul_conv,
+                                  taps_autodiff_conv, no_strided_conv, dw_batch_split_conv],
+                         ids=["library", "no_dnnl", "tap_matmul", "taps_autodiff",
+                              "no_strided", "dw_batch_split"])
 @pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", CASES)
 def test_value_and_gradients_equal_lax(impl, h, cin, cout, k, strides, padding, groups):
   rng = np.random.default_rng(h + k)
@@ -137,8 +138,10 @@ def test_max_pool_2x2_gradient_goes_to_the_first_maximum(ties):
     assert (x.reshape(2, 7, 6, 3)[:, :6].reshape(2, 3, 2, 3, 2, 3) == 0).all(axis=(2, 4)).any()
 
 
+@dnnl.disabled()
 def test_pointwise_gradient_is_a_dot_not_a_convolution():
-  """The point of the 1x1 path: no convolution (and its operand transposes) in the step."""
+  """The point of the 1x1 path (without oneDNN): no convolution (and its operand
+  transposes) in the step."""
   x = jnp.ones((2, 5, 5, 3))
   w = jnp.ones((1, 1, 3, 4))
   grad = jax.grad(lambda x, w: jnp.sum(fast_conv(x, w, (1, 1), "SAME",
@@ -261,9 +264,11 @@ def test_strided_weight_gradient_equals_reference(h, k, strides, padding):
                              rtol=1e-5, atol=1e-5)
 
 
+@dnnl.disabled()
 def test_strided_weight_gradient_has_no_dilated_kernel():
-  """The point of the strided VJP: autodiff's weight gradient convolves with the output
-  gradient dilated by the stride (``rhs_dilation=(2, 2)``); the library's with none."""
+  """The point of the strided VJP (without oneDNN): autodiff's weight gradient convolves
+  with the output gradient dilated by the stride (``rhs_dilation=(2, 2)``); the library's
+  with none."""
   x = jnp.ones((2, 9, 9, 3))
   w = jnp.ones((3, 3, 3, 4))
   loss = lambda conv: (lambda w: jnp.sum(conv(x, w, (2, 2), "SAME", dimension_numbers=DN) ** 2))

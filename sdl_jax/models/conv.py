@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdl_jax.models import kernels
+from sdl_jax.models import dnnl, kernels
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -349,6 +349,20 @@ def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
   return tuple(tuple(int(v) for v in p) for p in padding)
 
 
+def _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+             feature_group_count, batch_group_count, precision, preferred_element_type):
+  """Whether a call goes to oneDNN (``dnnl.conv``): a dense (one group) NHWC/HWIO float32
+  convolution without dilation or negative padding, where ``dnnl.available()``."""
+  if (feature_group_count != 1 or precision is not None or lhs.dtype != jnp.float32
+      or rhs.dtype != jnp.float32
+      or not is_plain_nhwc(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
+                           dimension_numbers, batch_group_count, preferred_element_type)):
+    return False
+  if not isinstance(padding, str) and min(min(p) for p in padding) < 0:
+    return False
+  return dnnl.available()
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
@@ -362,6 +376,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
   if not kernels.hand_paths():
     return xla()
+  if _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+              feature_group_count, batch_group_count, precision, preferred_element_type):
+    return dnnl.conv(lhs, rhs, tuple(int(s) for s in window_strides),
+                     explicit_padding(lhs.shape, rhs.shape, window_strides, padding))
   if is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count, preferred_element_type):
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)

@@ -1,0 +1,162 @@
+// XLA FFI handlers running dense 2-D convolutions on oneDNN (CPU, float32).
+//
+// Built and loaded by sdl_jax/models/dnnl.py. Layouts are the models': activations NHWC,
+// weights HWIO, row-major (XLA passes custom-call operands in their default layout).
+// Three handlers, one per direction of y = conv(x, w) with strides (sh, sw) and padding
+// ((pt, pb), (pl, pr)):
+//   SdlDnnlConvFwd        (x, w)  -> y
+//   SdlDnnlConvBwdData    (dy, w) -> dx   (dx's shape is the result buffer's)
+//   SdlDnnlConvBwdWeights (x, dy) -> dw   (dw's shape is the result buffer's)
+// oneDNN keeps the activations in NHWC (no reorders of the large tensors) and picks the
+// weights' layout; weights are reordered from or to HWIO around the primitive. Primitives
+// are built once per shape and cached.
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+enum Kind { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+struct Prim {
+  dnnl::primitive prim;
+  memory::desc a_want, b_want, out_want;  // what the primitive takes
+  memory::desc a_user, b_user, out_user;  // NHWC / HWIO as XLA holds them
+};
+
+// (kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr)
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+Prim& Get(const Key& key) {
+  static std::map<Key, Prim> cache;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto [kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr] = key;
+  memory::dims src = {n, c, h, w}, dst = {n, o, ho, wo}, wts = {o, c, kh, kw};
+  memory::dims strides = {sh, sw}, pad_l = {pt, pl}, pad_r = {pb, pr};
+  auto src_u = memory::desc(src, dt::f32, tag::nhwc);
+  auto dst_u = memory::desc(dst, dt::f32, tag::nhwc);
+  auto wts_u = memory::desc(wts, dt::f32, tag::hwio);
+  auto wts_any = memory::desc(wts, dt::f32, tag::any);
+  auto fwd = dnnl::convolution_forward::primitive_desc(
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
+                                      dnnl::algorithm::convolution_direct, src_u, wts_any,
+                                      dst_u, strides, pad_l, pad_r),
+      Engine());
+  Prim p;
+  if (kind == kFwd) {
+    p.prim = dnnl::convolution_forward(fwd);
+    p.a_want = fwd.src_desc(); p.b_want = fwd.weights_desc(); p.out_want = fwd.dst_desc();
+    p.a_user = src_u; p.b_user = wts_u; p.out_user = dst_u;
+  } else if (kind == kBwdData) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src_u,
+                                              wts_any, dst_u, strides, pad_l, pad_r),
+        Engine(), fwd);
+    p.prim = dnnl::convolution_backward_data(pd);
+    p.a_want = pd.diff_dst_desc(); p.b_want = pd.weights_desc(); p.out_want = pd.diff_src_desc();
+    p.a_user = dst_u; p.b_user = wts_u; p.out_user = src_u;
+  } else {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, src_u,
+                                                 wts_any, dst_u, strides, pad_l, pad_r),
+        Engine(), fwd);
+    p.prim = dnnl::convolution_backward_weights(pd);
+    p.a_want = pd.src_desc(); p.b_want = pd.diff_dst_desc(); p.out_want = pd.diff_weights_desc();
+    p.a_user = src_u; p.b_user = dst_u; p.out_user = wts_u;
+  }
+  return cache.emplace(key, p).first->second;
+}
+
+memory Input(const memory::desc& want, const memory::desc& user, void* data,
+             dnnl::stream& stream) {
+  memory m(user, Engine(), data);
+  if (want == user) return m;
+  memory converted(want, Engine());
+  dnnl::reorder(m, converted).execute(stream, m, converted);
+  return converted;
+}
+
+ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+               ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt,
+               int64_t pb, int64_t pl, int64_t pr) {
+  auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
+  if (ad.size() != 4 || bd.size() != 4 || od.size() != 4)
+    return ffi::Error::InvalidArgument("sdl_jax dnnl convolution: operands must be 4-D");
+  int64_t n, h, w, c, o, kh, kw, ho, wo;
+  if (kind == kFwd) {  // x [n, h, w, c], w [kh, kw, c, o] -> y [n, ho, wo, o]
+    n = ad[0]; h = ad[1]; w = ad[2]; c = ad[3]; kh = bd[0]; kw = bd[1]; o = bd[3];
+    ho = od[1]; wo = od[2];
+  } else if (kind == kBwdData) {  // dy [n, ho, wo, o], w -> dx [n, h, w, c]
+    n = ad[0]; ho = ad[1]; wo = ad[2]; o = ad[3]; kh = bd[0]; kw = bd[1]; c = bd[2];
+    h = od[1]; w = od[2];
+  } else {  // x [n, h, w, c], dy [n, ho, wo, o] -> dw [kh, kw, c, o]
+    n = ad[0]; h = ad[1]; w = ad[2]; c = ad[3]; ho = bd[1]; wo = bd[2]; o = bd[3];
+    kh = od[0]; kw = od[1];
+  }
+  try {
+    Prim& p = Get(Key{kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr});
+    dnnl::stream stream(Engine());
+    memory am = Input(p.a_want, p.a_user, a.untyped_data(), stream);
+    memory bm = Input(p.b_want, p.b_user, b.untyped_data(), stream);
+    memory user_out(p.out_user, Engine(), out->untyped_data());
+    bool direct = p.out_want == p.out_user;
+    memory om = direct ? user_out : memory(p.out_want, Engine());
+    if (kind == kFwd) {
+      p.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, om}});
+    } else if (kind == kBwdData) {
+      p.prim.execute(stream,
+                     {{DNNL_ARG_DIFF_DST, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DIFF_SRC, om}});
+    } else {
+      p.prim.execute(stream,
+                     {{DNNL_ARG_SRC, am}, {DNNL_ARG_DIFF_DST, bm}, {DNNL_ARG_DIFF_WEIGHTS, om}});
+    }
+    if (!direct) dnnl::reorder(om, user_out).execute(stream, om, user_out);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("sdl_jax dnnl convolution: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define SDL_DNNL_HANDLER(NAME, KIND)                                                       \
+  static ffi::Error NAME##Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,           \
+                               ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw,    \
+                               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {           \
+    return Run(KIND, a, b, out, sh, sw, pt, pb, pl, pr);                                   \
+  }                                                                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, NAME##Impl,                                          \
+                                ffi::Ffi::Bind()                                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                          \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                          \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                          \
+                                    .Attr<int64_t>("sh")                                   \
+                                    .Attr<int64_t>("sw")                                   \
+                                    .Attr<int64_t>("pt")                                   \
+                                    .Attr<int64_t>("pb")                                   \
+                                    .Attr<int64_t>("pl")                                   \
+                                    .Attr<int64_t>("pr"));
+
+SDL_DNNL_HANDLER(SdlDnnlConvFwd, kFwd)
+SDL_DNNL_HANDLER(SdlDnnlConvBwdData, kBwdData)
+SDL_DNNL_HANDLER(SdlDnnlConvBwdWeights, kBwdWeights)

@@ -1,0 +1,109 @@
+"""oneDNN convolutions through XLA's FFI (``sdl_jax.models.dnnl``) against lax."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from sdl_jax.models import dnnl
+from sdl_jax.models.conv import conv_general_dilated as library_conv
+
+REPO = Path(__file__).resolve().parents[1]
+DN = ("NHWC", "HWIO", "NHWC")
+# .ci/run installs oneDNN; elsewhere these tests say why they cannot run.
+needs_dnnl = pytest.mark.skipif(not dnnl.available(),
+                                reason="oneDNN convolutions unavailable here (logged reason; "
+                                       "apt-get install libdnnl-dev)")
+
+
+@needs_dnnl
+@pytest.mark.parametrize("h,cin,cout,k,strides,padding", [
+    (9, 3, 5, 3, (1, 1), ((1, 1), (1, 1))),      # 3x3 SAME on RGB
+    (8, 4, 6, 1, (1, 1), ((0, 0), (0, 0))),      # 1x1
+    (11, 3, 4, 7, (2, 2), ((3, 3), (3, 3))),     # ResNet-50's 7x7/2 stem
+    (10, 4, 4, 3, (2, 2), ((0, 1), (0, 1))),     # TF-style SAME, stride 2, even size
+    (9, 5, 3, 3, (2, 1), ((2, 0), (1, 2))),      # mixed strides, asymmetric padding
+    (10, 2, 3, 2, (3, 3), ((0, 0), (0, 0))),     # rows no window reads: zero gradient
+])
+def test_conv_value_and_gradients_equal_lax(h, cin, cout, k, strides, padding):
+  rng = np.random.default_rng(h * k)
+  x = jnp.asarray(rng.normal(size=(2, h, h + 1, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+  got = jax.jit(lambda x, w: dnnl.conv(x, w, strides, padding))(x, w)
+  np.testing.assert_allclose(got, ref(x, w), rtol=1e-5, atol=1e-5)
+  # A loss whose output gradient varies by element, so every tap and channel is checked.
+  loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
+  grads = jax.jit(jax.grad(loss(lambda x, w: dnnl.conv(x, w, strides, padding)),
+                           argnums=(0, 1)))(x, w)
+  want = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+  for g, r in zip(grads, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_dnnl
+def test_library_sends_dense_float32_convolutions_to_dnnl_only():
+  x, w = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 4, 4))
+  trace = lambda x, w, **kw: str(jax.make_jaxpr(
+      lambda x, w: library_conv(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw))(x, w))
+  assert "SdlDnnlConvFwd" in trace(x, w)
+  # Depthwise, float64-free bfloat16, and with oneDNN off: not oneDNN.
+  assert "SdlDnnlConv" not in trace(x, jnp.ones((3, 3, 1, 4)), feature_group_count=4)
+  assert "SdlDnnlConv" not in trace(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  with dnnl.disabled():
+    assert "SdlDnnlConv" not in trace(x, w)
+  assert "SdlDnnlConvFwd" in trace(x, w)
+
+
+@needs_dnnl
+def test_small_cnn_train_step_gradients_match_xla_paths():
+  from sdl_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model("small_cnn", 5, widths=(8, 16))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 12, 12, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+
+  def loss(params):
+    y, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.PRNGKey(1)})
+    return jnp.sum(jnp.sin(y))
+
+  got = jax.grad(loss)(variables["params"])
+  with dnnl.disabled():
+    want = jax.grad(loss)(variables["params"])
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_unavailable_when_switched_off_or_the_build_fails(tmp_path):
+  """A clear logged reason and XLA's convolutions, never a crash: switched off by the
+  environment, or a compiler that fails."""
+  code = ("import logging, jax.numpy as jnp; logging.basicConfig();"
+          "from sdl_jax.models import dnnl; from sdl_jax.models.conv import conv_general_dilated as c;"
+          "print('AVAILABLE', dnnl.available());"
+          "y = c(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), 'SAME',"
+          " dimension_numbers=('NHWC', 'HWIO', 'NHWC')); print('SUM', float(y.sum()))")
+  base = dict(os.environ, PYTHONPATH=str(REPO), SDL_JAX_CACHE=str(tmp_path / "cache"),
+              JAX_PLATFORMS="cpu")
+  for extra, why in [({"SDL_JAX_DNNL": "0"}, "SDL_JAX_DNNL=0"),
+                     ({"CXX": str(tmp_path / "no-such-compiler")}, "compiling dnnl_conv.cc")]:
+    proc = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "AVAILABLE False" in proc.stdout and "SUM 400.0" in proc.stdout
+    assert "oneDNN convolutions unavailable" in proc.stderr and why in proc.stderr
+
+
+@needs_dnnl
+def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
+  monkeypatch.setenv("SDL_JAX_CACHE", str(tmp_path))
+  first = dnnl.build()
+  assert first.parent == tmp_path and first.exists()
+  mtime = first.stat().st_mtime_ns
+  assert dnnl.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+  assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left
