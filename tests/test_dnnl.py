@@ -23,24 +23,28 @@ needs_dnnl = pytest.mark.skipif(not dnnl.available(),
 
 
 @needs_dnnl
-@pytest.mark.parametrize("h,cin,cout,k,strides,padding", [
-    (9, 3, 5, 3, (1, 1), ((1, 1), (1, 1))),      # 3x3 SAME on RGB
-    (8, 4, 6, 1, (1, 1), ((0, 0), (0, 0))),      # 1x1
-    (11, 3, 4, 7, (2, 2), ((3, 3), (3, 3))),     # ResNet-50's 7x7/2 stem
-    (10, 4, 4, 3, (2, 2), ((0, 1), (0, 1))),     # TF-style SAME, stride 2, even size
-    (9, 5, 3, 3, (2, 1), ((2, 0), (1, 2))),      # mixed strides, asymmetric padding
-    (10, 2, 3, 2, (3, 3), ((0, 0), (0, 0))),     # rows no window reads: zero gradient
+@pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", [
+    (9, 3, 5, 3, (1, 1), ((1, 1), (1, 1)), 1),      # 3x3 SAME on RGB
+    (8, 4, 6, 1, (1, 1), ((0, 0), (0, 0)), 1),      # 1x1
+    (11, 3, 4, 7, (2, 2), ((3, 3), (3, 3)), 1),     # ResNet-50's 7x7/2 stem
+    (10, 4, 4, 3, (2, 2), ((0, 1), (0, 1)), 1),     # TF-style SAME, stride 2, even size
+    (9, 5, 3, 3, (2, 1), ((2, 0), (1, 2)), 1),      # mixed strides, asymmetric padding
+    (10, 2, 3, 2, (3, 3), ((0, 0), (0, 0)), 1),     # rows no window reads: zero gradient
+    (9, 6, 6, 3, (1, 1), ((1, 1), (1, 1)), 6),      # depthwise 3x3
+    (12, 5, 5, 5, (2, 2), ((1, 2), (1, 2)), 5),     # depthwise 5x5/2, TF-style SAME
+    (8, 4, 8, 3, (1, 2), ((1, 1), (2, 0)), 2),      # grouped, two outputs per input channel
 ])
-def test_conv_value_and_gradients_equal_lax(h, cin, cout, k, strides, padding):
+def test_conv_value_and_gradients_equal_lax(h, cin, cout, k, strides, padding, groups):
   rng = np.random.default_rng(h * k)
   x = jnp.asarray(rng.normal(size=(2, h, h + 1, cin)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
-  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
-  got = jax.jit(lambda x, w: dnnl.conv(x, w, strides, padding))(x, w)
+  w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN,
+                                              feature_group_count=groups)
+  got = jax.jit(lambda x, w: dnnl.conv(x, w, strides, padding, groups))(x, w)
   np.testing.assert_allclose(got, ref(x, w), rtol=1e-5, atol=1e-5)
   # A loss whose output gradient varies by element, so every tap and channel is checked.
   loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
-  grads = jax.jit(jax.grad(loss(lambda x, w: dnnl.conv(x, w, strides, padding)),
+  grads = jax.jit(jax.grad(loss(lambda x, w: dnnl.conv(x, w, strides, padding, groups)),
                            argnums=(0, 1)))(x, w)
   want = jax.grad(loss(ref), argnums=(0, 1))(x, w)
   for g, r in zip(grads, want):
@@ -48,14 +52,42 @@ def test_conv_value_and_gradients_equal_lax(h, cin, cout, k, strides, padding):
 
 
 @needs_dnnl
-def test_library_sends_dense_float32_convolutions_to_dnnl_only():
+@pytest.mark.parametrize("groups", [1, 3])
+def test_second_order_gradients_equal_lax(groups):
+  """Each direction's VJP is written with the other two, so gradients of gradients work
+  and equal autodiff's of lax."""
+  strides, padding = (2, 1), ((1, 1), (0, 2))
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 7, 8, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3 // groups, 6)) * 0.5, jnp.float32)
+
+  def outer(conv):
+    def inner(x, w):
+      gx, gw = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1))(x, w)
+      return jnp.sum(jnp.sin(gx)) + jnp.sum(jnp.cos(gw))
+    return jax.grad(inner, argnums=(0, 1))(x, w)
+
+  got = outer(lambda x, w: dnnl.conv(x, w, strides, padding, groups))
+  want = outer(lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
+                                                      dimension_numbers=DN,
+                                                      feature_group_count=groups))
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_dnnl
+def test_library_sends_float32_nhwc_convolutions_to_dnnl_only():
   x, w = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 4, 4))
   trace = lambda x, w, **kw: str(jax.make_jaxpr(
       lambda x, w: library_conv(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw))(x, w))
   assert "SdlDnnlConvFwd" in trace(x, w)
-  # Depthwise, float64-free bfloat16, and with oneDNN off: not oneDNN.
-  assert "SdlDnnlConv" not in trace(x, jnp.ones((3, 3, 1, 4)), feature_group_count=4)
+  assert "SdlDnnlConvFwd" in trace(x, jnp.ones((3, 3, 1, 4)), feature_group_count=4)
+  # bfloat16, another layout, and with oneDNN off: not oneDNN.
   assert "SdlDnnlConv" not in trace(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  nchw = str(jax.make_jaxpr(lambda x, w: library_conv(
+      x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")))(
+          jnp.ones((2, 4, 6, 6)), jnp.ones((4, 4, 3, 3))))
+  assert "SdlDnnlConv" not in nchw
   with dnnl.disabled():
     assert "SdlDnnlConv" not in trace(x, w)
   assert "SdlDnnlConvFwd" in trace(x, w)

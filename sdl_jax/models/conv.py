@@ -351,9 +351,10 @@ def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
 
 def _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
              feature_group_count, batch_group_count, precision, preferred_element_type):
-  """Whether a call goes to oneDNN (``dnnl.conv``): a dense (one group) NHWC/HWIO float32
-  convolution without dilation or negative padding, where ``dnnl.available()``."""
-  if (feature_group_count != 1 or precision is not None or lhs.dtype != jnp.float32
+  """Whether a call goes to oneDNN (``dnnl.conv``): an NHWC/HWIO float32 convolution
+  (grouped or depthwise too) without dilation or negative padding, where
+  ``dnnl.available()``."""
+  if (precision is not None or lhs.dtype != jnp.float32
       or rhs.dtype != jnp.float32
       or not is_plain_nhwc(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
                            dimension_numbers, batch_group_count, preferred_element_type)):
@@ -379,7 +380,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
               feature_group_count, batch_group_count, precision, preferred_element_type):
     return dnnl.conv(lhs, rhs, tuple(int(s) for s in window_strides),
-                     explicit_padding(lhs.shape, rhs.shape, window_strides, padding))
+                     explicit_padding(lhs.shape, rhs.shape, window_strides, padding),
+                     int(feature_group_count))
   if is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count, preferred_element_type):
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)

@@ -126,37 +126,79 @@ def available() -> bool:
   return reason is None
 
 
-def _call(name, shape, a, b, strides, padding):
+def _call(name, shape, a, b, strides, padding, groups):
   (pt, pb), (pl, pr) = padding
-  attrs = dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr)
+  attrs = dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr, groups=groups)
   return jax.ffi.ffi_call(TARGETS[name], jax.ShapeDtypeStruct(shape, jnp.float32))(
       a, b, **{k: np.int64(v) for k, v in attrs.items()})
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x, w, strides, padding):
-  """Dense convolution of ``x`` ``[N, H, W, C]`` with ``w`` ``[kh, kw, C, O]`` (float32),
-  ``strides`` ``(sh, sw)``, ``padding`` ``((top, bottom), (left, right))`` ints; returns
-  ``[N, Ho, Wo, O]`` float32 with ``Ho = (H + top + bottom - kh) // sh + 1`` (likewise
-  ``Wo``), as ``lax.conv_general_dilated`` with NHWC/HWIO/NHWC. Call ``available()`` first.
-  Reverse mode only, like any ``custom_vjp``."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x, w, strides, padding, groups=1):
+  """Convolution of ``x`` ``[N, H, W, C]`` with ``w`` ``[kh, kw, C / groups, O]`` (float32),
+  ``strides`` ``(sh, sw)``, ``padding`` ``((top, bottom), (left, right))`` ints, ``groups``
+  feature groups (``C`` for depthwise); returns ``[N, Ho, Wo, O]`` float32 with
+  ``Ho = (H + top + bottom - kh) // sh + 1`` (likewise ``Wo``), as
+  ``lax.conv_general_dilated`` with NHWC/HWIO/NHWC and ``feature_group_count=groups``.
+  Call ``available()`` first.
+
+  Reverse mode, to any order: the three directions are each other's transposes
+  (``y = F(x, w)``, ``dx = D(dy, w)``, ``dw = W(x, dy)``, all bilinear), so each one's VJP
+  is written with the other two. No forward mode (``jax.jvp``).
+  """
   n, h, wd, _ = x.shape
   kh, kw, _, o = w.shape
   (pt, pb), (pl, pr) = padding
   ho = (h + pt + pb - kh) // strides[0] + 1
   wo = (wd + pl + pr - kw) // strides[1] + 1
-  return _call("fwd", (n, ho, wo, o), x, w, strides, padding)
+  return _call("fwd", (n, ho, wo, o), x, w, strides, padding, groups)
 
 
-def _conv_fwd(x, w, strides, padding):
-  return conv(x, w, strides, padding), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _input_grad(dy, w, x_shape, strides, padding, groups):
+  """``D(dy, w)``: the input gradient of ``conv``, ``[N, H, W, C]`` (``x_shape``)."""
+  return _call("bwd_data", x_shape, dy, w, strides, padding, groups)
 
 
-def _conv_bwd(strides, padding, res, dy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _weight_grad(x, dy, w_shape, strides, padding, groups):
+  """``W(x, dy)``: the weight gradient of ``conv``, ``[kh, kw, C / groups, O]``
+  (``w_shape``)."""
+  return _call("bwd_weights", w_shape, x, dy, strides, padding, groups)
+
+
+def _conv_fwd(x, w, strides, padding, groups):
+  return conv(x, w, strides, padding, groups), (x, w)
+
+
+def _conv_bwd(strides, padding, groups, res, dy):
   x, w = res
-  dx = _call("bwd_data", x.shape, dy, w, strides, padding)
-  dw = _call("bwd_weights", w.shape, x, dy, strides, padding)
-  return dx, dw
+  return (_input_grad(dy, w, x.shape, strides, padding, groups),
+          _weight_grad(x, dy, w.shape, strides, padding, groups))
+
+
+def _input_grad_fwd(dy, w, x_shape, strides, padding, groups):
+  return _input_grad(dy, w, x_shape, strides, padding, groups), (dy, w)
+
+
+def _input_grad_bwd(x_shape, strides, padding, groups, res, g):
+  # <D(dy, w), g> = <dy, F(g, w)> = <w, W(g, dy)>.
+  dy, w = res
+  return (conv(g, w, strides, padding, groups),
+          _weight_grad(g, dy, w.shape, strides, padding, groups))
+
+
+def _weight_grad_fwd(x, dy, w_shape, strides, padding, groups):
+  return _weight_grad(x, dy, w_shape, strides, padding, groups), (x, dy)
+
+
+def _weight_grad_bwd(w_shape, strides, padding, groups, res, g):
+  # <W(x, dy), g> = <x, D(dy, g)> = <dy, F(x, g)>.
+  x, dy = res
+  return (_input_grad(dy, g, x.shape, strides, padding, groups),
+          conv(x, g, strides, padding, groups))
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+_input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
+_weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)

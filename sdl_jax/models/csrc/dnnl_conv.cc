@@ -1,9 +1,11 @@
-// XLA FFI handlers running dense 2-D convolutions on oneDNN (CPU, float32).
+// XLA FFI handlers running 2-D convolutions on oneDNN (CPU, float32), grouped ones
+// (depthwise included) too.
 //
 // Built and loaded by sdl_jax/models/dnnl.py. Layouts are the models': activations NHWC,
-// weights HWIO, row-major (XLA passes custom-call operands in their default layout).
+// weights HWIO ([kh, kw, C / groups, O], output channel o in group o / (O / groups)),
+// row-major (XLA passes custom-call operands in their default layout).
 // Three handlers, one per direction of y = conv(x, w) with strides (sh, sw) and padding
-// ((pt, pb), (pl, pr)):
+// ((pt, pb), (pl, pr)) and ``groups`` feature groups:
 //   SdlDnnlConvFwd        (x, w)  -> y
 //   SdlDnnlConvBwdData    (dy, w) -> dx   (dx's shape is the result buffer's)
 //   SdlDnnlConvBwdWeights (x, dy) -> dw   (dw's shape is the result buffer's)
@@ -39,9 +41,10 @@ struct Prim {
   memory::desc a_user, b_user, out_user;  // NHWC / HWIO as XLA holds them
 };
 
-// (kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr)
+// (kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, groups)
 using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+                       int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t>;
 
 Prim& Get(const Key& key) {
   static std::map<Key, Prim> cache;
@@ -49,12 +52,16 @@ Prim& Get(const Key& key) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  auto [kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr] = key;
-  memory::dims src = {n, c, h, w}, dst = {n, o, ho, wo}, wts = {o, c, kh, kw};
+  auto [kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, g] = key;
+  memory::dims src = {n, c, h, w}, dst = {n, o, ho, wo};
+  // Grouped weights are (g, O / g, C / g, kh, kw) to oneDNN; HWIO's memory order is then
+  // h, w, i, g, o: the tag hwigo.
+  memory::dims wts = g == 1 ? memory::dims{o, c, kh, kw}
+                            : memory::dims{g, o / g, c / g, kh, kw};
   memory::dims strides = {sh, sw}, pad_l = {pt, pl}, pad_r = {pb, pr};
   auto src_u = memory::desc(src, dt::f32, tag::nhwc);
   auto dst_u = memory::desc(dst, dt::f32, tag::nhwc);
-  auto wts_u = memory::desc(wts, dt::f32, tag::hwio);
+  auto wts_u = memory::desc(wts, dt::f32, g == 1 ? tag::hwio : tag::hwigo);
   auto wts_any = memory::desc(wts, dt::f32, tag::any);
   auto fwd = dnnl::convolution_forward::primitive_desc(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
@@ -97,7 +104,7 @@ memory Input(const memory::desc& want, const memory::desc& user, void* data,
 
 ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt,
-               int64_t pb, int64_t pl, int64_t pr) {
+               int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
   auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
   if (ad.size() != 4 || bd.size() != 4 || od.size() != 4)
     return ffi::Error::InvalidArgument("sdl_jax dnnl convolution: operands must be 4-D");
@@ -106,14 +113,16 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     n = ad[0]; h = ad[1]; w = ad[2]; c = ad[3]; kh = bd[0]; kw = bd[1]; o = bd[3];
     ho = od[1]; wo = od[2];
   } else if (kind == kBwdData) {  // dy [n, ho, wo, o], w -> dx [n, h, w, c]
-    n = ad[0]; ho = ad[1]; wo = ad[2]; o = ad[3]; kh = bd[0]; kw = bd[1]; c = bd[2];
+    n = ad[0]; ho = ad[1]; wo = ad[2]; o = ad[3]; kh = bd[0]; kw = bd[1]; c = od[3];
     h = od[1]; w = od[2];
   } else {  // x [n, h, w, c], dy [n, ho, wo, o] -> dw [kh, kw, c, o]
     n = ad[0]; h = ad[1]; w = ad[2]; c = ad[3]; ho = bd[1]; wo = bd[2]; o = bd[3];
     kh = od[0]; kw = od[1];
   }
+  if (groups < 1 || c % groups || o % groups)
+    return ffi::Error::InvalidArgument("sdl_jax dnnl convolution: groups must divide C and O");
   try {
-    Prim& p = Get(Key{kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr});
+    Prim& p = Get(Key{kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, groups});
     dnnl::stream stream(Engine());
     memory am = Input(p.a_want, p.a_user, a.untyped_data(), stream);
     memory bm = Input(p.b_want, p.b_user, b.untyped_data(), stream);
@@ -142,8 +151,9 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 #define SDL_DNNL_HANDLER(NAME, KIND)                                                       \
   static ffi::Error NAME##Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,           \
                                ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw,    \
-                               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {           \
-    return Run(KIND, a, b, out, sh, sw, pt, pb, pl, pr);                                   \
+                               int64_t pt, int64_t pb, int64_t pl, int64_t pr,             \
+                               int64_t groups) {                                           \
+    return Run(KIND, a, b, out, sh, sw, pt, pb, pl, pr, groups);                           \
   }                                                                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, NAME##Impl,                                          \
                                 ffi::Ffi::Bind()                                           \
@@ -155,7 +165,8 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                                     .Attr<int64_t>("pt")                                   \
                                     .Attr<int64_t>("pb")                                   \
                                     .Attr<int64_t>("pl")                                   \
-                                    .Attr<int64_t>("pr"));
+                                    .Attr<int64_t>("pr")                                   \
+                                    .Attr<int64_t>("groups"));
 
 SDL_DNNL_HANDLER(SdlDnnlConvFwd, kFwd)
 SDL_DNNL_HANDLER(SdlDnnlConvBwdData, kBwdData)
