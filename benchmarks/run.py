@@ -82,8 +82,9 @@ def parse_args(argv=None):
   g.add_argument("--no_donate", action="store_true", help="local step: no donation")
   g.add_argument("--conv", default="library",
                  help="convolution implementation swapped into the models, for experiments "
-                      "(benchmarks/conv_variants.py): library, lax, tap_matmul_dw, no_pointwise, "
-                      "no_strided, taps_autodiff, dw_strided_autodiff")
+                      "(benchmarks/conv_variants.py): library, no_dnnl, lax, tap_matmul_dw, "
+                      "dw_batch_split, no_pointwise, no_strided, taps_autodiff, "
+                      "dw_strided_autodiff")
   g.add_argument("--norm", default="library", choices=["library", "flax"],
                  help="ResNet-50's and EfficientNet-Lite's BatchNorm, for experiments: library "
                       "(hand-written gradient, activation and residual fused) or flax "
@@ -158,7 +159,7 @@ def parse_args(argv=None):
 
 def environment(args, torch_device) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from sdl_jax.models import kernels  # pylint: disable=g-import-not-at-top
+  from sdl_jax.models import dnnl, kernels  # pylint: disable=g-import-not-at-top
   env = {
       "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
       "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -178,6 +179,7 @@ def environment(args, torch_device) -> dict:
       "pool": args.pool,
       "kernels": kernels.mode(),
       "hand_paths": kernels.hand_paths(),
+      "dnnl": kernels.hand_paths() and dnnl.available(),
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
   }
@@ -389,7 +391,8 @@ def markdown(results: dict) -> str:
            f"- threads: XLA intra-op pool {env['xla_threads']} (one per CPU)"
            + (f"; torch {env['torch_threads']} intra-op, {env['torch_interop_threads']} "
               f"inter-op, {env['torch_layout']}" if env.get("torch") else ""),
-           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}; "
+           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}"
+           f"{' (oneDNN where the variant takes the library path)' if env.get('dnnl') else ''}; "
            f"ResNet BatchNorm: {env.get('norm', 'library')}, "
            f"max-pool: {env.get('pool', 'library')}",
            ""]

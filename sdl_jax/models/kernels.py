@@ -2,7 +2,8 @@
 own operations.
 
 On XLA:CPU several layers are written by hand because XLA's own lowering was slow there
-(README, "Performance"): convolutions in ``conv.py`` (depthwise as shifted taps, 1x1 as
+(README, "Performance"): float32 convolutions on oneDNN through XLA's FFI where it is
+installed (``dnnl.py``), else those in ``conv.py`` (depthwise as shifted taps, 1x1 as
 matmuls, strided ones with a space-to-depth weight gradient), ResNet-50's BatchNorm
 (``norm.py``) and its 3x3/2 max-pool (``resnet.py``). On GPU/TPU, XLA's own convolutions
 (cuDNN on NVIDIA), ``reduce_window`` and autodiff are what its compiler is built for, and
