@@ -6,8 +6,9 @@ For experiments only: the library's models use ``sdl_jax.models.conv.conv_genera
 (XLA's own convolutions, depthwise ones as shifted taps); ``--conv`` replaces it in every
 model module for one run, so whole-model effects are measured by the same tool. Variants:
 
-* ``library``: unchanged (dense convolutions on oneDNN where ``sdl_jax.models.dnnl`` is
-  available);
+* ``library``: unchanged (convolutions on oneDNN if ``SDL_JAX_DNNL=1`` and it is
+  available, ``sdl_jax.models.dnnl``);
+* ``dnnl``: the library with oneDNN on;
 * ``no_dnnl``: the library with oneDNN off (XLA's kernels and the hand paths); the
   variants below run with oneDNN off too, as earlier states of the library;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
@@ -121,6 +122,13 @@ def without_dnnl(conv):
 no_dnnl_conv = without_dnnl(library_conv.conv_general_dilated)
 
 
+def dnnl_conv(*args, **kwargs):
+  """The library's convolution traced with oneDNN on (``dnnl.use(True)``), whatever
+  ``$SDL_JAX_DNNL`` says."""
+  with library_dnnl.use(True):
+    return library_conv.conv_general_dilated(*args, **kwargs)
+
+
 def no_pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                       dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                       precision=None, preferred_element_type=None):
@@ -217,6 +225,7 @@ VARIANTS = {
     "library": library_conv.conv_general_dilated,
     "lax": lax.conv_general_dilated,
     "no_dnnl": no_dnnl_conv,
+    "dnnl": dnnl_conv,
     # Earlier states of the library, before its dense convolutions went to oneDNN.
     "tap_matmul_dw": without_dnnl(tap_matmul_conv),
     "dw_batch_split": without_dnnl(dw_batch_split_conv),

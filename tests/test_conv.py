@@ -221,8 +221,10 @@ def test_depthwise_strided_input_gradient_equals_reference(h, k, strides, paddin
                              rtol=1e-5, atol=1e-5)
 
 
+@dnnl.disabled()
 def test_depthwise_weight_gradient_is_one_reduction():
-  """The point of the depthwise VJP: all taps summed by one (variadic) reduce, no conv."""
+  """The point of the depthwise VJP (without oneDNN): all taps summed by one (variadic)
+  reduce, no conv."""
   x = jnp.ones((2, 6, 6, 4))
   w = jnp.ones((3, 3, 1, 4))
   grad = jax.grad(lambda w: jnp.sum(fast_conv(x, w, (1, 1), "SAME", dimension_numbers=DN,

@@ -16,8 +16,19 @@ from sdl_jax.models.conv import conv_general_dilated as library_conv
 
 REPO = Path(__file__).resolve().parents[1]
 DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True)
+def _dnnl_on():
+  """oneDNN is opt-in (``SDL_JAX_DNNL=1``); these tests turn it on for themselves."""
+  with dnnl.use(True):
+    yield
+
+
+with dnnl.use(True):
+  _AVAILABLE = dnnl.available()
 # .ci/run installs oneDNN; elsewhere these tests say why they cannot run.
-needs_dnnl = pytest.mark.skipif(not dnnl.available(),
+needs_dnnl = pytest.mark.skipif(not _AVAILABLE,
                                 reason="oneDNN convolutions unavailable here (logged reason; "
                                        "apt-get install libdnnl-dev)")
 
@@ -112,9 +123,9 @@ def test_small_cnn_train_step_gradients_match_xla_paths():
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_unavailable_when_switched_off_or_the_build_fails(tmp_path):
-  """A clear logged reason and XLA's convolutions, never a crash: switched off by the
-  environment, or a compiler that fails."""
+def test_unavailable_by_default_or_when_the_build_fails(tmp_path):
+  """XLA's convolutions, never a crash: by default and with ``SDL_JAX_DNNL=0`` silently,
+  turned on with a compiler that fails with a logged reason."""
   code = ("import logging, jax.numpy as jnp; logging.basicConfig();"
           "from sdl_jax.models import dnnl; from sdl_jax.models.conv import conv_general_dilated as c;"
           "print('AVAILABLE', dnnl.available());"
@@ -122,13 +133,17 @@ def test_unavailable_when_switched_off_or_the_build_fails(tmp_path):
           " dimension_numbers=('NHWC', 'HWIO', 'NHWC')); print('SUM', float(y.sum()))")
   base = dict(os.environ, PYTHONPATH=str(REPO), SDL_JAX_CACHE=str(tmp_path / "cache"),
               JAX_PLATFORMS="cpu")
-  for extra, why in [({"SDL_JAX_DNNL": "0"}, "SDL_JAX_DNNL=0"),
-                     ({"CXX": str(tmp_path / "no-such-compiler")}, "compiling dnnl_conv.cc")]:
+  base.pop("SDL_JAX_DNNL", None)
+  for extra, warned in [({}, False), ({"SDL_JAX_DNNL": "0"}, False),
+                        ({"SDL_JAX_DNNL": "1", "CXX": str(tmp_path / "no-such-compiler")},
+                         True)]:
     proc = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "AVAILABLE False" in proc.stdout and "SUM 400.0" in proc.stdout
-    assert "oneDNN convolutions unavailable" in proc.stderr and why in proc.stderr
+    assert ("oneDNN convolutions unavailable" in proc.stderr) == warned, proc.stderr[-2000:]
+    if warned:
+      assert "compiling dnnl_conv.cc" in proc.stderr
 
 
 @needs_dnnl

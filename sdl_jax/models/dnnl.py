@@ -12,8 +12,13 @@ NHWC/HWIO float32 convolution whose forward pass and both gradients are oneDNN's
 
 the same function as ``lax.conv_general_dilated`` (the tests compare values and
 gradients). Needs a C++ compiler and oneDNN's headers and library (Debian/Ubuntu:
-``apt-get install libdnnl-dev``); without them, or with ``SDL_JAX_DNNL=0``, ``available()``
-is False (the reason is logged once) and the models keep XLA's convolutions.
+``apt-get install libdnnl-dev``).
+
+Opt-in: ``SDL_JAX_DNNL=1`` (or ``use(True)``) turns it on; by default ``available()`` is
+False and the models keep XLA's convolutions. (A two-process training run that evaluates,
+checkpoints and resumes, ``tests/test_distributed.py``, hung with it on; not understood
+yet, so it is not the default.) Turned on but unavailable (no compiler, no oneDNN), the
+reason is logged once and XLA's convolutions are used.
 
 The shared library is cached in ``$SDL_JAX_CACHE`` (default ``~/.cache/sdl_jax``) under a
 name that hashes the source, jaxlib's version and the compiler command, so a change to
@@ -89,8 +94,10 @@ def build() -> Path:
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
   """Builds, loads and registers the handlers once; returns why not, or None if done."""
-  if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
-    return f"{ENV}={os.environ[ENV]}"
+  # oneDNN runs on OpenMP threads beside XLA's pool. OpenMP's default spin-waiting lets
+  # two training processes on one machine (jax.distributed on a CPU host) starve each other
+  # for minutes; sleeping waits cost microseconds per call. Read when libgomp loads, below.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
     for name in TARGETS.values():
@@ -100,24 +107,37 @@ def _load() -> str | None:
   return None
 
 
-_disabled = 0
+_override: bool | None = None
 
 
 @contextlib.contextmanager
-def disabled():
-  """Within the block, ``available()`` is False: models traced there keep XLA's
-  convolutions (for comparisons; ``SDL_JAX_DNNL=0`` does it for a whole process)."""
-  global _disabled
-  _disabled += 1
+def use(on: bool):
+  """Within the block, oneDNN convolutions are on (where they can run) or off, whatever
+  ``$SDL_JAX_DNNL`` says; models traced there keep that choice."""
+  global _override
+  previous, _override = _override, bool(on)
   try:
     yield
   finally:
-    _disabled -= 1
+    _override = previous
+
+
+def disabled():
+  """``use(False)``: models traced in the block keep XLA's convolutions."""
+  return use(False)
+
+
+def requested() -> bool:
+  """Whether oneDNN convolutions are asked for: ``use``'s choice, else ``$SDL_JAX_DNNL``."""
+  if _override is not None:
+    return _override
+  return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def available() -> bool:
-  """Whether oneDNN convolutions can run here (built and registered on first call)."""
-  if _disabled:
+  """Whether oneDNN convolutions are asked for and can run here (built and registered on
+  the first such call)."""
+  if not requested():
     return False
   reason = _load()
   if reason is not None and not getattr(available, "_said", False):
