@@ -154,3 +154,39 @@ def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
   mtime = first.stat().st_mtime_ns
   assert dnnl.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left
+
+
+CONCURRENT_WORKER = r'''
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from sdl_jax.models import dnnl
+assert dnnl.available() and jax.local_device_count() == 2
+pad, dn = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
+rng = np.random.default_rng(0)
+for cin, cout, groups in [(3, 8, 1), (8, 16, 1), (8, 8, 8)]:
+  x = jnp.asarray(rng.normal(size=(2, 2, 16, 16, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, cin // groups, cout)), jnp.float32)
+  grads = lambda conv: jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1))
+  ours = jax.pmap(grads(lambda x, w: dnnl.conv(x, w, (1, 1), pad, groups)), in_axes=(0, None))
+  ref = grads(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=dn,
+                                                    feature_group_count=groups))
+  want = [ref(x[d], w) for d in range(2)]
+  for _ in range(10):
+    gx, gw = ours(x, w)
+    for d in range(2):
+      np.testing.assert_allclose(gx[d], want[d][0], rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(gw[d], want[d][1], rtol=1e-4, atol=1e-4)
+print("OK")
+'''
+
+
+@needs_dnnl
+def test_two_devices_run_the_same_convolutions_at_once():
+  """XLA runs a pmap's devices on several threads at once, so the same oneDNN primitive
+  runs on two threads together. With oneDNN's own scratchpad this deadlocked in the first
+  few steps (the 3->8 weight gradient); each thread now brings its own."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", SDL_JAX_DNNL="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", CONCURRENT_WORKER], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

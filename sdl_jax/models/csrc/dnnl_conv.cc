@@ -11,9 +11,14 @@
 //   SdlDnnlConvBwdWeights (x, dy) -> dw   (dw's shape is the result buffer's)
 // oneDNN keeps the activations in NHWC (no reorders of the large tensors) and picks the
 // weights' layout; weights are reordered from or to HWIO around the primitive. Primitives
-// are built once per shape and cached.
+// are built once per shape and cached, and run with a scratchpad of the calling thread's
+// (scratchpad_mode::user): XLA runs one program's devices on several threads of its pool at
+// once, and with the library's own scratchpad a primitive may run only on the thread that
+// built it (two devices running the same weight gradient at once deadlocked in it).
 #include <cstdint>
+#include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -39,6 +44,7 @@ struct Prim {
   dnnl::primitive prim;
   memory::desc a_want, b_want, out_want;  // what the primitive takes
   memory::desc a_user, b_user, out_user;  // NHWC / HWIO as XLA holds them
+  memory::desc scratch;                   // the primitive's scratchpad
 };
 
 // (kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, groups)
@@ -63,34 +69,54 @@ Prim& Get(const Key& key) {
   auto dst_u = memory::desc(dst, dt::f32, tag::nhwc);
   auto wts_u = memory::desc(wts, dt::f32, g == 1 ? tag::hwio : tag::hwigo);
   auto wts_any = memory::desc(wts, dt::f32, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto fwd = dnnl::convolution_forward::primitive_desc(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
                                       dnnl::algorithm::convolution_direct, src_u, wts_any,
                                       dst_u, strides, pad_l, pad_r),
-      Engine());
+      attr, Engine());
   Prim p;
   if (kind == kFwd) {
     p.prim = dnnl::convolution_forward(fwd);
+    p.scratch = fwd.scratchpad_desc();
     p.a_want = fwd.src_desc(); p.b_want = fwd.weights_desc(); p.out_want = fwd.dst_desc();
     p.a_user = src_u; p.b_user = wts_u; p.out_user = dst_u;
   } else if (kind == kBwdData) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src_u,
                                               wts_any, dst_u, strides, pad_l, pad_r),
-        Engine(), fwd);
+        attr, Engine(), fwd);
     p.prim = dnnl::convolution_backward_data(pd);
+    p.scratch = pd.scratchpad_desc();
     p.a_want = pd.diff_dst_desc(); p.b_want = pd.weights_desc(); p.out_want = pd.diff_src_desc();
     p.a_user = dst_u; p.b_user = wts_u; p.out_user = src_u;
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, src_u,
                                                  wts_any, dst_u, strides, pad_l, pad_r),
-        Engine(), fwd);
+        attr, Engine(), fwd);
     p.prim = dnnl::convolution_backward_weights(pd);
+    p.scratch = pd.scratchpad_desc();
     p.a_want = pd.src_desc(); p.b_want = pd.diff_dst_desc(); p.out_want = pd.diff_weights_desc();
     p.a_user = src_u; p.b_user = dst_u; p.out_user = wts_u;
   }
   return cache.emplace(key, p).first->second;
+}
+
+// The calling thread's scratchpad, grown to the largest a primitive has asked of it; kept
+// between calls so large reduction buffers are not mapped afresh each step.
+void* Scratch(size_t bytes) {
+  struct Free { void operator()(void* q) const { std::free(q); } };
+  thread_local std::unique_ptr<void, Free> buffer;
+  thread_local size_t size = 0;
+  if (bytes > size) {
+    size_t rounded = (bytes + 63) / 64 * 64;
+    buffer.reset(std::aligned_alloc(64, rounded));
+    if (!buffer) { size = 0; throw std::bad_alloc(); }
+    size = rounded;
+  }
+  return buffer.get();
 }
 
 memory Input(const memory::desc& want, const memory::desc& user, void* data,
@@ -129,19 +155,23 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
     memory user_out(p.out_user, Engine(), out->untyped_data());
     bool direct = p.out_want == p.out_user;
     memory om = direct ? user_out : memory(p.out_want, Engine());
+    memory scratch(p.scratch, Engine(), Scratch(p.scratch.get_size()));
     if (kind == kFwd) {
-      p.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, om}});
+      p.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, om},
+                              {DNNL_ARG_SCRATCHPAD, scratch}});
     } else if (kind == kBwdData) {
-      p.prim.execute(stream,
-                     {{DNNL_ARG_DIFF_DST, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DIFF_SRC, om}});
+      p.prim.execute(stream, {{DNNL_ARG_DIFF_DST, am}, {DNNL_ARG_WEIGHTS, bm},
+                              {DNNL_ARG_DIFF_SRC, om}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
-      p.prim.execute(stream,
-                     {{DNNL_ARG_SRC, am}, {DNNL_ARG_DIFF_DST, bm}, {DNNL_ARG_DIFF_WEIGHTS, om}});
+      p.prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_DIFF_DST, bm},
+                              {DNNL_ARG_DIFF_WEIGHTS, om}, {DNNL_ARG_SCRATCHPAD, scratch}});
     }
     if (!direct) dnnl::reorder(om, user_out).execute(stream, om, user_out);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("sdl_jax dnnl convolution: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("sdl_jax dnnl convolution: out of memory for the scratchpad");
   }
   return ffi::Error::Success();
 }
