@@ -6,9 +6,12 @@ For experiments only: the library's models use ``sdl_jax.models.conv.conv_genera
 (XLA's own convolutions, depthwise ones as shifted taps); ``--conv`` replaces it in every
 model module for one run, so whole-model effects are measured by the same tool. Variants:
 
-* ``library``: unchanged (convolutions on oneDNN if ``SDL_JAX_DNNL=1`` and it is
-  available, ``sdl_jax.models.dnnl``);
-* ``dnnl``: the library with oneDNN on;
+* ``library``: unchanged (convolutions on oneDNN as ``SDL_JAX_DNNL`` says, by default
+  all of them on an AVX-512 CPU and the grouped ones elsewhere, where it is available:
+  ``sdl_jax.models.dnnl``);
+* ``dnnl``: the library with oneDNN on for every convolution (``SDL_JAX_DNNL=all``);
+* ``dnnl_grouped``: the library with oneDNN for grouped and depthwise convolutions only
+  (``SDL_JAX_DNNL=grouped``);
 * ``no_dnnl``: the library with oneDNN off (XLA's kernels and the hand paths); the
   variants below run with oneDNN off too, as earlier states of the library;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
@@ -122,11 +125,16 @@ def without_dnnl(conv):
 no_dnnl_conv = without_dnnl(library_conv.conv_general_dilated)
 
 
-def dnnl_conv(*args, **kwargs):
-  """The library's convolution traced with oneDNN on (``dnnl.use(True)``), whatever
-  ``$SDL_JAX_DNNL`` says."""
-  with library_dnnl.use(True):
-    return library_conv.conv_general_dilated(*args, **kwargs)
+def with_dnnl(mode):
+  """The library's convolution traced with ``dnnl.use(mode)``, whatever ``$SDL_JAX_DNNL``
+  says."""
+  def conv(*args, **kwargs):
+    with library_dnnl.use(mode):
+      return library_conv.conv_general_dilated(*args, **kwargs)
+  return conv
+
+
+dnnl_conv = with_dnnl("all")
 
 
 def no_pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -226,6 +234,7 @@ VARIANTS = {
     "lax": lax.conv_general_dilated,
     "no_dnnl": no_dnnl_conv,
     "dnnl": dnnl_conv,
+    "dnnl_grouped": with_dnnl("grouped"),
     # Earlier states of the library, before its dense convolutions went to oneDNN.
     "tap_matmul_dw": without_dnnl(tap_matmul_conv),
     "dw_batch_split": without_dnnl(dw_batch_split_conv),

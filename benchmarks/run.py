@@ -179,7 +179,8 @@ def environment(args, torch_device) -> dict:
       "pool": args.pool,
       "kernels": kernels.mode(),
       "hand_paths": kernels.hand_paths(),
-      "dnnl": kernels.hand_paths() and dnnl.available(),
+      # Which convolutions the library sends to oneDNN here: all, grouped or off.
+      "dnnl": dnnl.mode() if kernels.hand_paths() and dnnl.available() else "off",
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
   }
@@ -381,6 +382,8 @@ def _ips(s):
 
 def markdown(results: dict) -> str:
   env = results["env"]
+  dnnl_mode = env.get("dnnl", "off")
+  dnnl_mode = {True: "all", False: "off"}.get(dnnl_mode, dnnl_mode)  # before session 9
   lines = ["## Environment", "",
            f"- command: `{env['command']}`",
            f"- devices: {', '.join(env['devices'])} ({env['device_kind']}); CPU: "
@@ -392,7 +395,9 @@ def markdown(results: dict) -> str:
            + (f"; torch {env['torch_threads']} intra-op, {env['torch_interop_threads']} "
               f"inter-op, {env['torch_layout']}" if env.get("torch") else ""),
            f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}"
-           f"{' (oneDNN where the variant takes the library path)' if env.get('dnnl') else ''}; "
+           + (f" (oneDNN for {dnnl_mode} convolutions where the variant takes the library "
+              "path)" if dnnl_mode != "off" else "")
+           + "; "
            f"ResNet BatchNorm: {env.get('norm', 'library')}, "
            f"max-pool: {env.get('pool', 'library')}",
            ""]

@@ -20,7 +20,8 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 @pytest.fixture(autouse=True)
 def _dnnl_on():
-  """oneDNN is opt-in (``SDL_JAX_DNNL=1``); these tests turn it on for themselves."""
+  """By default (``auto``) only some convolutions go to oneDNN on some CPUs; these tests
+  send every one there."""
   with dnnl.use(True):
     yield
 
@@ -123,9 +124,10 @@ def test_small_cnn_train_step_gradients_match_xla_paths():
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_unavailable_by_default_or_when_the_build_fails(tmp_path):
-  """XLA's convolutions, never a crash: by default and with ``SDL_JAX_DNNL=0`` silently,
-  turned on with a compiler that fails with a logged reason."""
+def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
+  """XLA's convolutions, never a crash: with ``SDL_JAX_DNNL=0`` silently, by default
+  (``auto``) with a compiler that fails logged at info level only, asked for with that
+  compiler with a warning."""
   code = ("import logging, jax.numpy as jnp; logging.basicConfig();"
           "from sdl_jax.models import dnnl; from sdl_jax.models.conv import conv_general_dilated as c;"
           "print('AVAILABLE', dnnl.available());"
@@ -134,16 +136,54 @@ def test_unavailable_by_default_or_when_the_build_fails(tmp_path):
   base = dict(os.environ, PYTHONPATH=str(REPO), SDL_JAX_CACHE=str(tmp_path / "cache"),
               JAX_PLATFORMS="cpu")
   base.pop("SDL_JAX_DNNL", None)
-  for extra, warned in [({}, False), ({"SDL_JAX_DNNL": "0"}, False),
-                        ({"SDL_JAX_DNNL": "1", "CXX": str(tmp_path / "no-such-compiler")},
-                         True)]:
+  broken = str(tmp_path / "no-such-compiler")
+  for extra, warned in [({"SDL_JAX_DNNL": "0"}, False), ({"CXX": broken}, False),
+                        ({"SDL_JAX_DNNL": "auto", "CXX": broken}, False),
+                        ({"SDL_JAX_DNNL": "1", "CXX": broken}, True),
+                        ({"SDL_JAX_DNNL": "grouped", "CXX": broken}, True)]:
     proc = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "AVAILABLE False" in proc.stdout and "SUM 400.0" in proc.stdout
+    assert "AVAILABLE False" in proc.stdout and "SUM 400.0" in proc.stdout, extra
     assert ("oneDNN convolutions unavailable" in proc.stderr) == warned, proc.stderr[-2000:]
     if warned:
       assert "compiling dnnl_conv.cc" in proc.stderr
+
+
+def test_modes_from_the_environment_and_use(monkeypatch):
+  assert dnnl.auto_mode(["avx2", "fma", "avx512f"]) == "all"
+  assert dnnl.auto_mode(["avx2", "fma"]) == dnnl.auto_mode([]) == "grouped"
+  for value, want in [("", dnnl.auto_mode()), ("auto", dnnl.auto_mode()), ("1", "all"),
+                      ("ALL", "all"), ("on", "all"), ("grouped", "grouped"), ("0", "off"),
+                      (" false ", "off")]:
+    monkeypatch.setenv("SDL_JAX_DNNL", value)
+    monkeypatch.setattr(dnnl, "_override", None)  # not this module's fixture's choice
+    assert dnnl.mode() == want, value
+    assert dnnl.requested() == (want != "off")
+  monkeypatch.setenv("SDL_JAX_DNNL", "maybe")
+  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, grouped, off"):
+    dnnl.mode()
+  with pytest.raises(ValueError, match="dnnl.use='dense'"):
+    with dnnl.use("dense"):
+      pass
+  with dnnl.use("grouped"):  # use() wins over the environment
+    assert dnnl.mode() == "grouped"
+    with dnnl.use(False):
+      assert dnnl.mode() == "off"
+    assert dnnl.mode() == "grouped"
+
+
+@needs_dnnl
+def test_grouped_mode_sends_only_grouped_convolutions_to_dnnl():
+  x = jnp.ones((2, 6, 6, 4))
+  trace = lambda w, **kw: str(jax.make_jaxpr(
+      lambda x, w: library_conv(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw))(x, w))
+  with dnnl.use("grouped"):
+    assert "SdlDnnlConv" not in trace(jnp.ones((3, 3, 4, 4)))
+    assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 1, 4)), feature_group_count=4)
+    assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 2, 4)), feature_group_count=2)
+  with dnnl.use("all"):
+    assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 4, 4)))
 
 
 @needs_dnnl

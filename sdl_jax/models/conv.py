@@ -1,10 +1,12 @@
 """A drop-in ``lax.conv_general_dilated`` that on the CPU runs float32 NHWC convolutions on
-oneDNN (``sdl_jax.models.dnnl``, where it is installed) and otherwise depthwise
+oneDNN (``sdl_jax.models.dnnl``, where it is installed and ``$SDL_JAX_DNNL`` sends them:
+by default all on an AVX-512 CPU, the grouped ones elsewhere) and otherwise depthwise
 convolutions as shifted taps, 1x1 convolutions as matmuls with a transpose-free weight
 gradient (``pointwise``), and gives dense strided convolutions a space-to-depth weight
 gradient (``strided``). oneDNN's kernels measured level with PyTorch's (which are oneDNN's)
 in every direction on an AVX-512 CPU where XLA's own ran 0.07-0.9x as fast (README,
-"Performance"); the paths below are what a machine without it takes.
+"Performance"); on an AVX2-only CPU its dense ones lost to XLA's in the train step and its
+depthwise ones won. The paths below are what the rest takes.
 
 XLA:CPU's depthwise convolution (``feature_group_count`` = input channels, one filter per
 channel) measured 20-40x slower than PyTorch's in the forward pass and ~10x slower in the
@@ -356,8 +358,8 @@ def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
 def _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
              feature_group_count, batch_group_count, precision, preferred_element_type):
   """Whether a call goes to oneDNN (``dnnl.conv``): an NHWC/HWIO float32 convolution
-  (grouped or depthwise too) without dilation or negative padding, where
-  ``dnnl.available()``."""
+  (grouped or depthwise too) without dilation or negative padding, of the kinds
+  ``dnnl.mode()`` sends there, where oneDNN is available (``dnnl.takes``)."""
   if (precision is not None or lhs.dtype != jnp.float32
       or rhs.dtype != jnp.float32
       or not is_plain_nhwc(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
@@ -365,7 +367,7 @@ def _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
     return False
   if not isinstance(padding, str) and min(min(p) for p in padding) < 0:
     return False
-  return dnnl.available()
+  return dnnl.takes(int(feature_group_count))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -1,11 +1,12 @@
-"""Dense convolutions on oneDNN through XLA's FFI, for the CPU backend.
+"""Convolutions on oneDNN through XLA's FFI, for the CPU backend.
 
 jaxlib 0.10.2's XLA:CPU runs convolutions on Eigen (or YNNPACK), which on an AVX-512 CPU
 measured 0.3-0.9x the speed of oneDNN's, the library PyTorch uses, and the weight
 gradient slowest (README, "Performance"). This module compiles ``csrc/dnnl_conv.cc``
 (three XLA FFI handlers: forward, input gradient, weight gradient) against the system's
-oneDNN on first use, registers them as CPU custom calls, and gives ``conv``: a dense
-NHWC/HWIO float32 convolution whose forward pass and both gradients are oneDNN's,
+oneDNN on first use, registers them as CPU custom calls, and gives ``conv``: an
+NHWC/HWIO float32 convolution (dense, or grouped: each group of channels convolved on its
+own) whose forward pass and both gradients are oneDNN's,
 
     y[n, a, b, o] = sum_{i, j, c} xpad[n, a * sh + i, b * sw + j, c] * w[i, j, c, o],
     dx = conv_transpose(dy, w),   dw[i, j, c, o] = sum_{n, a, b} xpad[...] * dy[n, a, b, o],
@@ -14,11 +15,20 @@ the same function as ``lax.conv_general_dilated`` (the tests compare values and
 gradients). Needs a C++ compiler and oneDNN's headers and library (Debian/Ubuntu:
 ``apt-get install libdnnl-dev``).
 
-Opt-in: ``SDL_JAX_DNNL=1`` (or ``use(True)``) turns it on; by default ``available()`` is
-False and the models keep XLA's convolutions. (A two-process training run that evaluates,
-checkpoints and resumes, ``tests/test_distributed.py``, hung with it on; not understood
-yet, so it is not the default.) Turned on but unavailable (no compiler, no oneDNN), the
-reason is logged once and XLA's convolutions are used.
+Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
+
+* ``auto`` (the default): ``all`` on a CPU with AVX-512, ``grouped`` on others. Measured
+  in the train step (README, "Performance"): on an AVX-512 Xeon oneDNN made every model
+  faster (+8% ResNet-50 to +64% EfficientNet-Lite0); on an AVX2-only EPYC, Debian's
+  oneDNN 2.6 made the dense convolutions slower than XLA's (ResNet-50 -13%, the small CNN
+  -15%) and the depthwise ones faster (EfficientNet-Lite0 +34%).
+* ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
+* ``grouped``: grouped and depthwise convolutions only.
+* ``off`` (also ``0``, ``false``, ``no``): none; XLA's kernels and the hand paths.
+
+Asked for explicitly but unavailable (no compiler, no oneDNN), the reason is logged once
+as a warning and XLA's convolutions are used; under ``auto`` the same is logged at info
+level.
 
 The shared library is cached in ``$SDL_JAX_CACHE`` (default ``~/.cache/sdl_jax``) under a
 name that hashes the source, jaxlib's version and the compiler command, so a change to
@@ -94,9 +104,9 @@ def build() -> Path:
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
   """Builds, loads and registers the handlers once; returns why not, or None if done."""
-  # oneDNN runs on OpenMP threads beside XLA's pool. OpenMP's default spin-waiting lets
-  # two training processes on one machine (jax.distributed on a CPU host) starve each other
-  # for minutes; sleeping waits cost microseconds per call. Read when libgomp loads, below.
+  # oneDNN runs on OpenMP threads beside XLA's pool: waiting threads sleep rather than
+  # spin, leaving the cores to XLA's between calls (session 8, AVX-512: the small CNN +28%
+  # over XLA's convolutions with it, +23% without). Read when libgomp loads, below.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
@@ -107,15 +117,39 @@ def _load() -> str | None:
   return None
 
 
-_override: bool | None = None
+MODES = ("auto", "all", "grouped", "off")
+_ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
+            "0": "off", "false": "off", "no": "off"}
+_override: str | None = None
+
+
+def _parse(value, where: str) -> str:
+  if isinstance(value, bool):
+    return "all" if value else "off"
+  mode = str(value).strip().lower()
+  mode = _ALIASES.get(mode, mode)
+  if mode not in MODES:
+    raise ValueError(f"{where}={value!r}: expected one of {', '.join(MODES)} "
+                     "(or 1/0, true/false, on/off, yes/no)")
+  return mode
+
+
+def auto_mode(isa: list[str] | None = None) -> str:
+  """What ``auto`` means on this CPU (or one with the ISA extensions ``isa``): ``all``
+  with AVX-512, else ``grouped``."""
+  if isa is None:
+    from sdl_jax import perf  # pylint: disable=g-import-not-at-top
+    isa = perf.cpu_isa()
+  return "all" if "avx512f" in isa else "grouped"
 
 
 @contextlib.contextmanager
-def use(on: bool):
-  """Within the block, oneDNN convolutions are on (where they can run) or off, whatever
-  ``$SDL_JAX_DNNL`` says; models traced there keep that choice."""
+def use(mode: bool | str):
+  """Within the block, oneDNN takes the convolutions ``mode`` says (``True``: ``all``,
+  ``False``: ``off``, or one of ``MODES``), whatever ``$SDL_JAX_DNNL`` says; models traced
+  there keep that choice."""
   global _override
-  previous, _override = _override, bool(on)
+  previous, _override = _override, _parse(mode, "dnnl.use")
   try:
     yield
   finally:
@@ -127,11 +161,20 @@ def disabled():
   return use(False)
 
 
+def _asked() -> str:
+  return _override if _override is not None else _parse(os.environ.get(ENV, ""), ENV)
+
+
+def mode() -> str:
+  """Which convolutions are asked to go to oneDNN: ``all``, ``grouped`` or ``off``
+  (``use``'s choice, else ``$SDL_JAX_DNNL``; ``auto`` resolved for this CPU)."""
+  asked = _asked()
+  return auto_mode() if asked == "auto" else asked
+
+
 def requested() -> bool:
-  """Whether oneDNN convolutions are asked for: ``use``'s choice, else ``$SDL_JAX_DNNL``."""
-  if _override is not None:
-    return _override
-  return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+  """Whether any convolutions are asked to go to oneDNN."""
+  return mode() != "off"
 
 
 def available() -> bool:
@@ -142,8 +185,14 @@ def available() -> bool:
   reason = _load()
   if reason is not None and not getattr(available, "_said", False):
     available._said = True
-    _log.warning("oneDNN convolutions unavailable, XLA's are used instead: %s", reason)
+    log = _log.info if _asked() == "auto" else _log.warning
+    log("oneDNN convolutions unavailable, XLA's are used instead: %s", reason)
   return reason is None
+
+
+def takes(groups: int) -> bool:
+  """Whether a float32 NHWC convolution with ``groups`` feature groups goes to oneDNN."""
+  return available() and (groups > 1 or mode() == "all")
 
 
 def _call(name, shape, a, b, strides, padding, groups):
