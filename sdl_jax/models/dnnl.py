@@ -83,6 +83,7 @@ def build() -> Path:
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
+  _log.info("compiling %s against oneDNN into %s (once; cached there)", SOURCE.name, target)
   # Built beside the target and renamed, so concurrent processes never load half a file.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)

@@ -32,25 +32,32 @@ def _max_pool_2x2_even(x):
 
 
 def _max_pool_fwd(x):
-  y = _max_pool_2x2_even(x)
-  return y, (x, y)
-
-
-def _max_pool_bwd(res, g):
-  x, y = res
+  # Which of the window's four taps (row-major) holds its first maximum, int8, found in
+  # the forward pass; the gradient goes there. Comparing x with y again in the backward
+  # pass is not safe: XLA may compute x (a BatchNorm + ReLU fused into both passes) twice,
+  # not bit for bit alike, and a window whose maximum no longer equals y lost its
+  # gradient (the small CNN's gradients then moved by tens of percent with 1e-7 changes
+  # of the input).
   n, h, w, c = x.shape
   r = x.reshape(n, h // 2, 2, w // 2, 2, c)
-  taken = jnp.zeros(y.shape, bool)
-  rows = []
-  for a in range(2):
-    cols = []
-    for b in range(2):
-      first = (r[:, :, a, :, b, :] == y) & ~taken
-      taken = taken | first
-      cols.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
-    rows.append(jnp.stack(cols, axis=3))       # [n, h/2, w/2, 2(b), c]
+  out, first = None, None
+  for t in range(4):
+    s = r[:, :, t // 2, :, t % 2, :]
+    if out is None:
+      out, first = s, jnp.zeros(s.shape, jnp.int8)
+    else:
+      first = jnp.where(s > out, jnp.int8(t), first)  # strictly: the first maximum stays
+      out = jnp.maximum(out, s)
+  return out, first
+
+
+def _max_pool_bwd(first, g):
+  zero = jnp.zeros((), g.dtype)
+  rows = [jnp.stack([jnp.where(first == 2 * a + b, g, zero) for b in range(2)], axis=3)
+          for a in range(2)]                      # each [n, h/2, w/2, 2(b), c]
   dx = jnp.stack(rows, axis=2)                   # [n, h/2, 2(a), w/2, 2(b), c]
-  return (dx.reshape(n, h, w, c),)
+  n, h2, _, w2, _, c = dx.shape
+  return (dx.reshape(n, 2 * h2, 2 * w2, c),)
 
 
 _max_pool_2x2_even.defvjp(_max_pool_fwd, _max_pool_bwd)
