@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from sdl_jax.models import kernels
 from sdl_jax.models.conv import conv_general_dilated
 from sdl_jax.models.norm import BatchNorm
+from sdl_jax.models.small_cnn import first_max
 
 
 def max_pool_3x3_s2(x):
@@ -61,14 +62,8 @@ def _max_pool_3x3_s2(x, hw):
 
 
 def _max_pool_3x3_s2_fwd(x, hw):
-  out, first = None, None
-  for t, s in enumerate(pool_taps(x)):
-    if out is None:
-      out, first = s, jnp.zeros(s.shape, jnp.int8)
-    else:
-      first = jnp.where(s > out, jnp.int8(t), first)  # strictly: the first maximum stays
-      out = jnp.maximum(out, s)
-  return out, first
+  del hw
+  return first_max(pool_taps(x))
 
 
 def _max_pool_3x3_s2_bwd(hw, first, g):

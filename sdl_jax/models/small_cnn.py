@@ -40,14 +40,16 @@ def _max_pool_fwd(x):
   # of the input).
   n, h, w, c = x.shape
   r = x.reshape(n, h // 2, 2, w // 2, 2, c)
-  out, first = None, None
-  for t in range(4):
-    s = r[:, :, t // 2, :, t % 2, :]
-    if out is None:
-      out, first = s, jnp.zeros(s.shape, jnp.int8)
-    else:
-      first = jnp.where(s > out, jnp.int8(t), first)  # strictly: the first maximum stays
-      out = jnp.maximum(out, s)
+  return first_max([r[:, :, t // 2, :, t % 2, :] for t in range(4)])
+
+
+def first_max(taps):
+  """The elementwise maximum of the same-shape arrays ``taps`` and, as int8, the index of
+  the first tap that holds it (ties go to the earlier tap)."""
+  out, first = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+  for t, s in enumerate(taps[1:], 1):
+    first = jnp.where(s > out, jnp.int8(t), first)  # strictly: the first maximum stays
+    out = jnp.maximum(out, s)
   return out, first
 
 
