@@ -138,10 +138,13 @@ def _parse(value, where: str) -> str:
 def auto_mode(isa: list[str] | None = None) -> str:
   """What ``auto`` means on this CPU (or one with the ISA extensions ``isa``): ``all``
   with AVX-512, else ``grouped``."""
-  if isa is None:
-    from sdl_jax import perf  # pylint: disable=g-import-not-at-top
-    isa = perf.cpu_isa()
-  return "all" if "avx512f" in isa else "grouped"
+  return "all" if "avx512f" in (_cpu_isa() if isa is None else isa) else "grouped"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_isa() -> tuple[str, ...]:
+  from sdl_jax import perf  # pylint: disable=g-import-not-at-top
+  return tuple(perf.cpu_isa())
 
 
 @contextlib.contextmanager
