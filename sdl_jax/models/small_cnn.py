@@ -34,10 +34,10 @@ def _max_pool_2x2_even(x):
 def _max_pool_fwd(x):
   # Which of the window's four taps (row-major) holds its first maximum, int8, found in
   # the forward pass; the gradient goes there. Comparing x with y again in the backward
-  # pass is not safe: XLA may compute x (a BatchNorm + ReLU fused into both passes) twice,
-  # not bit for bit alike, and a window whose maximum no longer equals y lost its
-  # gradient (the small CNN's gradients then moved by tens of percent with 1e-7 changes
-  # of the input).
+  # pass was not safe: the jitted small CNN's gradients moved by tens of percent with 1e-7
+  # changes of the input, likely because XLA computes x (a BatchNorm + ReLU fused into
+  # both passes) twice, not bit for bit alike, and a window whose maximum no longer
+  # equals y lost its gradient.
   n, h, w, c = x.shape
   r = x.reshape(n, h // 2, 2, w // 2, 2, c)
   return first_max([r[:, :, t // 2, :, t % 2, :] for t in range(4)])
