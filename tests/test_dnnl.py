@@ -108,9 +108,9 @@ def test_library_sends_float32_nhwc_convolutions_to_dnnl_only():
 @needs_dnnl
 @pytest.mark.parametrize("batch,size,kwargs", [
     (4, 12, {}),
-    # Its strided stem on an odd size. Here the 2x2 max-pool's gradient used to compare x
-    # with the pooled y again, and lost windows where XLA's two computations of x differed
-    # in the last bit: the gradients of the two paths differed by up to 50%.
+    # Its strided stem on an odd size. Here the 2x2 max-pool's gradient, when it compared x
+    # with the pooled y again in the backward pass, made the two paths' gradients differ
+    # by up to 50% (likely windows lost where XLA computed x twice, not bit for bit alike).
     (3, 33, {"stem_stride": 2}),
 ])
 def test_small_cnn_train_step_gradients_match_xla_paths(batch, size, kwargs):

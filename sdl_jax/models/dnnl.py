@@ -107,7 +107,8 @@ def _load() -> str | None:
   """Builds, loads and registers the handlers once; returns why not, or None if done."""
   # oneDNN runs on OpenMP threads beside XLA's pool: waiting threads sleep rather than
   # spin, leaving the cores to XLA's between calls (session 8, AVX-512: the small CNN +28%
-  # over XLA's convolutions with it, +23% without). Read when libgomp loads, below.
+  # over XLA's convolutions with it, +23% in an earlier run without; not an A/B of the
+  # policy itself). Read when libgomp loads, below.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
