@@ -6,12 +6,16 @@ For experiments only: the library's models use ``sdl_jax.models.conv.conv_genera
 (XLA's own convolutions, depthwise ones as shifted taps); ``--conv`` replaces it in every
 model module for one run, so whole-model effects are measured by the same tool. Variants:
 
-* ``library``: unchanged (convolutions on oneDNN as ``SDL_JAX_DNNL`` says, by default
-  all of them on an AVX-512 CPU and the grouped ones elsewhere, where it is available:
-  ``sdl_jax.models.dnnl``);
+* ``library``: unchanged (convolutions on oneDNN as ``SDL_JAX_DNNL`` says, where it is
+  available: ``sdl_jax.models.dnnl``);
 * ``dnnl``: the library with oneDNN on for every convolution (``SDL_JAX_DNNL=all``);
 * ``dnnl_grouped``: the library with oneDNN for grouped and depthwise convolutions only
   (``SDL_JAX_DNNL=grouped``);
+* ``dnnl_xla_wgrad``: the library with oneDNN for every convolution but the dense ones'
+  weight gradients (``SDL_JAX_DNNL=xla_wgrad``);
+* ``dnnl_spatial``, ``dnnl_spatial_xla_wgrad``: as ``dnnl`` and ``dnnl_xla_wgrad`` for
+  grouped convolutions and dense ones larger than 1x1, dense 1x1 ones as matmuls (the
+  library's ``pointwise``);
 * ``no_dnnl``: the library with oneDNN off (XLA's kernels and the hand paths); the
   variants below run with oneDNN off too, as earlier states of the library;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
@@ -137,6 +141,18 @@ def with_dnnl(mode):
 dnnl_conv = with_dnnl("all")
 
 
+def dnnl_spatial(dense_mode):
+  """oneDNN for the grouped convolutions and (as ``dnnl.use(dense_mode)`` says) the dense
+  ones with a kernel larger than 1x1; dense 1x1 ones on the library's XLA path
+  (``pointwise``: a matmul)."""
+  def conv(lhs, rhs, window_strides, padding, *args, **kwargs):
+    mode = "grouped" if tuple(rhs.shape[:2]) == (1, 1) else dense_mode
+    with library_dnnl.use(mode):
+      return library_conv.conv_general_dilated(lhs, rhs, window_strides, padding, *args,
+                                               **kwargs)
+  return conv
+
+
 def no_pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                       dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                       precision=None, preferred_element_type=None):
@@ -235,6 +251,9 @@ VARIANTS = {
     "no_dnnl": no_dnnl_conv,
     "dnnl": dnnl_conv,
     "dnnl_grouped": with_dnnl("grouped"),
+    "dnnl_xla_wgrad": with_dnnl("xla_wgrad"),
+    "dnnl_spatial": dnnl_spatial("all"),
+    "dnnl_spatial_xla_wgrad": dnnl_spatial("xla_wgrad"),
     # Earlier states of the library, before its dense convolutions went to oneDNN.
     "tap_matmul_dw": without_dnnl(tap_matmul_conv),
     "dw_batch_split": without_dnnl(dw_batch_split_conv),

@@ -31,7 +31,7 @@ with dnnl.use(True):
 # .ci/run installs oneDNN; elsewhere these tests say why they cannot run.
 needs_dnnl = pytest.mark.skipif(not _AVAILABLE,
                                 reason="oneDNN convolutions unavailable here (logged reason; "
-                                       "apt-get install libdnnl-dev)")
+                                       "pip install onednn-devel-cpu-gomp, or apt-get install libdnnl-dev)")
 
 
 @needs_dnnl
@@ -160,17 +160,19 @@ def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
 
 
 def test_modes_from_the_environment_and_use(monkeypatch):
-  assert dnnl.auto_mode(["avx2", "fma", "avx512f"]) == "all"
-  assert dnnl.auto_mode(["avx2", "fma"]) == dnnl.auto_mode([]) == "grouped"
+  assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 20603) == "all"
+  assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 30200) == "all"
+  assert dnnl.auto_mode(["avx2", "fma"], 30200) == "xla_wgrad"
+  assert dnnl.auto_mode(["avx2", "fma"], 20603) == dnnl.auto_mode([]) == "grouped"
   for value, want in [("", dnnl.auto_mode()), ("auto", dnnl.auto_mode()), ("1", "all"),
                       ("ALL", "all"), ("on", "all"), ("grouped", "grouped"), ("0", "off"),
-                      (" false ", "off")]:
+                      ("xla_wgrad", "xla_wgrad"), (" false ", "off")]:
     monkeypatch.setenv("SDL_JAX_DNNL", value)
     monkeypatch.setattr(dnnl, "_override", None)  # not this module's fixture's choice
     assert dnnl.mode() == want, value
     assert dnnl.requested() == (want != "off")
   monkeypatch.setenv("SDL_JAX_DNNL", "maybe")
-  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, grouped, off"):
+  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, xla_wgrad, grouped, off"):
     dnnl.mode()
   with pytest.raises(ValueError, match="dnnl.use='dense'"):
     with dnnl.use("dense"):
@@ -193,6 +195,68 @@ def test_grouped_mode_sends_only_grouped_convolutions_to_dnnl():
     assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 2, 4)), feature_group_count=2)
   with dnnl.use("all"):
     assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 4, 4)))
+
+
+@needs_dnnl
+@pytest.mark.parametrize("k,strides,padding", [
+    (3, (1, 1), ((1, 1), (1, 1))),   # XLA's own weight gradient
+    (1, (1, 1), ((0, 0), (0, 0))),   # pointwise's
+    (1, (2, 2), ((0, 0), (0, 0))),   # pointwise's, strided
+    (3, (2, 2), ((0, 1), (0, 1))),   # strided's (space-to-depth)
+])
+def test_xla_wgrad_mode_value_and_gradients_equal_lax(k, strides, padding):
+  """``xla_wgrad``: dense convolutions forward and input gradient on oneDNN, their weight
+  gradient on XLA's path; grouped ones wholly on oneDNN."""
+  rng = np.random.default_rng(k)
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 4, 6)), jnp.float32)
+  loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
+  ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+  mine = lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN)
+  with dnnl.use("xla_wgrad"):
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(mine), argnums=(0, 1)))(x, w))
+    got = jax.jit(jax.grad(loss(mine), argnums=(0, 1)))(x, w)
+    value = jax.jit(mine)(x, w)
+    dw_traced = str(jax.make_jaxpr(lambda x, w: library_conv(
+        x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2))(
+            x, jnp.ones((3, 3, 2, 4))))
+  assert "SdlDnnlConvFwd" in jaxpr and "SdlDnnlConvBwdData" in jaxpr
+  assert "SdlDnnlConvBwdWeights" not in jaxpr
+  assert "SdlDnnlConvFwd" in dw_traced  # grouped: oneDNN
+  np.testing.assert_allclose(value, ref(x, w), rtol=1e-5, atol=1e-5)
+  for g, r in zip(got, jax.grad(loss(ref), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_dnnl
+def test_xla_wgrad_mode_second_order_gradients_equal_lax():
+  strides, padding = (1, 1), ((1, 1), (1, 1))
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 6, 7, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)) * 0.5, jnp.float32)
+
+  def outer(conv):
+    def inner(x, w):
+      gx, gw = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1))(x, w)
+      return jnp.sum(jnp.sin(gx)) + jnp.sum(jnp.cos(gw))
+    return jax.grad(inner, argnums=(0, 1))(x, w)
+
+  with dnnl.use("xla_wgrad"):
+    got = outer(lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN))
+  want = outer(lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
+                                                      dimension_numbers=DN))
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@needs_dnnl
+def test_version_is_the_loaded_onednn():
+  v = dnnl.version()
+  assert v is not None and v >= 20000, v
+  assert dnnl.version_string() == f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+  # The wheel installed with the package is what the build uses, where present.
+  if dnnl.onednn_prefix() is not None:
+    assert v >= 30000, v
 
 
 @needs_dnnl

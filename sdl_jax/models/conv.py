@@ -1,12 +1,15 @@
 """A drop-in ``lax.conv_general_dilated`` that on the CPU runs float32 NHWC convolutions on
 oneDNN (``sdl_jax.models.dnnl``, where it is installed and ``$SDL_JAX_DNNL`` sends them:
-by default all on an AVX-512 CPU, the grouped ones elsewhere) and otherwise depthwise
+by default all on an AVX-512 CPU; elsewhere all but the dense ones' weight gradients with
+oneDNN 3, the grouped ones with oneDNN 2) and otherwise depthwise
 convolutions as shifted taps, 1x1 convolutions as matmuls with a transpose-free weight
 gradient (``pointwise``), and gives dense strided convolutions a space-to-depth weight
 gradient (``strided``). oneDNN's kernels measured level with PyTorch's (which are oneDNN's)
 in every direction on an AVX-512 CPU where XLA's own ran 0.07-0.9x as fast (README,
-"Performance"); on an AVX2-only CPU its dense ones lost to XLA's in the train step and its
-depthwise ones won. The paths below are what the rest takes.
+"Performance"); on an AVX2-only CPU oneDNN 3.2's dense forward and input-gradient kernels
+and its depthwise ones won against XLA's in the train step, its dense weight gradient
+lost (oneDNN 2.6's dense kernels lost in every direction). The paths below are what the
+rest takes.
 
 XLA:CPU's depthwise convolution (``feature_group_count`` = input channels, one filter per
 channel) measured 20-40x slower than PyTorch's in the forward pass and ~10x slower in the
@@ -374,8 +377,27 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """Same signature and result as ``lax.conv_general_dilated``; with the hand paths
-  (``kernels.hand_paths()``: on the CPU backend) depthwise ones as taps, 1x1 ones as
-  ``pointwise``, other dense strided ones as ``strided``."""
+  (``kernels.hand_paths()``: on the CPU backend) on oneDNN where ``dnnl`` takes it, else
+  depthwise ones as taps, 1x1 ones as ``pointwise``, other dense strided ones as
+  ``strided``."""
+  if kernels.hand_paths() and _is_dnnl(
+      lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count, precision, preferred_element_type):
+    strides = tuple(int(s) for s in window_strides)
+    padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
+    groups = int(feature_group_count)
+    if dnnl.takes_weight_grad(groups):
+      return dnnl.conv(lhs, rhs, strides, padding, groups)
+    return dnnl_xla_weight_grad(lhs, rhs, strides, padding)
+  return _xla_paths(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, batch_group_count, precision,
+                    preferred_element_type)
+
+
+def _xla_paths(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+               precision=None, preferred_element_type=None):
+  """``conv_general_dilated`` without oneDNN."""
   def xla():
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -383,11 +405,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
   if not kernels.hand_paths():
     return xla()
-  if _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-              feature_group_count, batch_group_count, precision, preferred_element_type):
-    return dnnl.conv(lhs, rhs, tuple(int(s) for s in window_strides),
-                     explicit_padding(lhs.shape, rhs.shape, window_strides, padding),
-                     int(feature_group_count))
   if is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count, preferred_element_type):
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
@@ -404,3 +421,30 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
     return strided(lhs, rhs, tuple(window_strides), padding, precision)
   return xla()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dnnl_xla_weight_grad(x, w, strides, padding):
+  """A dense NHWC/HWIO float32 convolution (``dnnl.conv``'s arguments, ``groups`` 1) whose
+  forward pass and input gradient are oneDNN's and whose weight gradient is XLA's: the
+  weight gradient of ``_xla_paths`` (``pointwise``'s for 1x1, ``strided``'s for strided
+  ones, XLA's own for the rest). ``SDL_JAX_DNNL=xla_wgrad`` (``auto`` on an AVX2 CPU with
+  oneDNN 3): there oneDNN 3.2's brgemm kernels beat XLA's forward and backward-data
+  convolutions in the train step, while its weight gradient (a JIT kernel) did not."""
+  return dnnl.conv(x, w, strides, padding, 1)
+
+
+def _dnnl_xla_weight_grad_fwd(x, w, strides, padding):
+  return dnnl.conv(x, w, strides, padding, 1), (x, w)
+
+
+def _dnnl_xla_weight_grad_bwd(strides, padding, res, dy):
+  x, w = res
+  dx = dnnl.input_grad(dy, w, x.shape, strides, padding, 1)
+  # Only the weight cotangent of the XLA path's VJP is used; XLA drops its input gradient.
+  _, vjp = jax.vjp(lambda w: _xla_paths(x, w, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")), w)
+  return dx, vjp(dy)[0]
+
+
+dnnl_xla_weight_grad.defvjp(_dnnl_xla_weight_grad_fwd, _dnnl_xla_weight_grad_bwd)

@@ -12,17 +12,22 @@ own) whose forward pass and both gradients are oneDNN's,
     dx = conv_transpose(dy, w),   dw[i, j, c, o] = sum_{n, a, b} xpad[...] * dy[n, a, b, o],
 
 the same function as ``lax.conv_general_dilated`` (the tests compare values and
-gradients). Needs a C++ compiler and oneDNN's headers and library (Debian/Ubuntu:
-``apt-get install libdnnl-dev``).
+gradients). Needs a C++ compiler and oneDNN's headers and library: the Python
+environment's (``onednn-devel-cpu-gomp``, a dependency of the package on x86-64 Linux)
+where installed, else the system's (Debian/Ubuntu: ``apt-get install libdnnl-dev``).
 
 Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
 
-* ``auto`` (the default): ``all`` on a CPU with AVX-512, ``grouped`` on others. Measured
-  in the train step (README, "Performance"): on an AVX-512 Xeon oneDNN made every model
-  faster (+8% ResNet-50 to +64% EfficientNet-Lite0); on an AVX2-only EPYC, Debian's
-  oneDNN 2.6 made the dense convolutions slower than XLA's (ResNet-50 -13%, the small CNN
-  -15%) and the depthwise ones faster (EfficientNet-Lite0 +34%).
+* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_wgrad`` with
+  oneDNN 3.x (the ``onednn-devel-cpu-gomp`` wheel the package installs) and ``grouped``
+  with oneDNN 2.x (Debian's ``libdnnl-dev``). Measured in the train step (README,
+  "Performance"): on an AVX-512 Xeon oneDNN 2.6 made every model faster (+8% ResNet-50 to
+  +64% EfficientNet-Lite0); on an AVX2-only EPYC oneDNN 2.6 made the dense convolutions
+  slower than XLA's and the depthwise ones faster, and oneDNN 3.2's forward pass and input
+  gradient (its brgemm kernels) were faster than XLA's but its weight gradient was not.
 * ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
+* ``xla_wgrad``: every one, except that dense (ungrouped) convolutions' weight gradients
+  are XLA's (the same path as with oneDNN off).
 * ``grouped``: grouped and depthwise convolutions only.
 * ``off`` (also ``0``, ``false``, ``no``): none; XLA's kernels and the hand paths.
 
@@ -45,6 +50,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,10 +69,24 @@ def cache_dir() -> Path:
   return Path(os.environ.get("SDL_JAX_CACHE") or Path.home() / ".cache" / "sdl_jax")
 
 
+def onednn_prefix() -> Path | None:
+  """The Python environment's oneDNN (the ``onednn-devel-cpu-gomp`` wheel installs its
+  headers and library under ``sys.prefix``), or None: then the system's is used."""
+  prefix = Path(sys.prefix)
+  if ((prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp").exists()
+      and any((prefix / "lib").glob("libdnnl.so*"))):
+    return prefix
+  return None
+
+
 def _compile_command(out: Path) -> list[str]:
   cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+  prefix = onednn_prefix()
+  # The wheel's library is found at load time through the rpath, not LD_LIBRARY_PATH.
+  where = ([f"-I{prefix / 'include'}", f"-L{prefix / 'lib'}",
+            f"-Wl,-rpath,{prefix / 'lib'}"] if prefix else [])
   return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
-          str(SOURCE), "-o", str(out), "-ldnnl"]
+          *where, str(SOURCE), "-o", str(out), "-ldnnl"]
 
 
 def build() -> Path:
@@ -110,16 +130,34 @@ def _load() -> str | None:
   # over XLA's convolutions with it, +23% in an earlier run without; not an A/B of the
   # policy itself). Read when libgomp loads, below.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  global _version
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
     for name in TARGETS.values():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    _version = int(lib.SdlDnnlVersion())
   except (OSError, RuntimeError, AttributeError) as e:
     return str(e)
+  _log.info("oneDNN %s convolutions loaded", version_string())
   return None
 
 
-MODES = ("auto", "all", "grouped", "off")
+_version: int | None = None
+
+
+def version() -> int | None:
+  """The loaded oneDNN's version, ``major * 10000 + minor * 100 + patch`` (3.2.0:
+  30200), building and loading it if need be; None where it cannot be loaded."""
+  _load()
+  return _version
+
+
+def version_string() -> str:
+  v = version()
+  return "unavailable" if v is None else f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
+
+MODES = ("auto", "all", "xla_wgrad", "grouped", "off")
 _ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
             "0": "off", "false": "off", "no": "off"}
 _override: str | None = None
@@ -136,10 +174,15 @@ def _parse(value, where: str) -> str:
   return mode
 
 
-def auto_mode(isa: list[str] | None = None) -> str:
-  """What ``auto`` means on this CPU (or one with the ISA extensions ``isa``): ``all``
-  with AVX-512, else ``grouped``."""
-  return "all" if "avx512f" in (_cpu_isa() if isa is None else isa) else "grouped"
+def auto_mode(isa: list[str] | None = None, onednn: int | None = None) -> str:
+  """What ``auto`` means on this CPU with the oneDNN here (or one with the ISA extensions
+  ``isa`` and the oneDNN version ``onednn``, as ``version()`` gives it): ``all`` with
+  AVX-512, else ``xla_wgrad`` with oneDNN 3 or later, else ``grouped``."""
+  if "avx512f" in (_cpu_isa() if isa is None else isa):
+    return "all"
+  if isa is None and onednn is None:
+    onednn = version()
+  return "xla_wgrad" if (onednn or 0) >= 30000 else "grouped"
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +214,8 @@ def _asked() -> str:
 
 
 def mode() -> str:
-  """Which convolutions are asked to go to oneDNN: ``all``, ``grouped`` or ``off``
+  """Which convolutions are asked to go to oneDNN: ``all``, ``xla_wgrad``, ``grouped`` or
+  ``off``
   (``use``'s choice, else ``$SDL_JAX_DNNL``; ``auto`` resolved for this CPU)."""
   asked = _asked()
   return auto_mode() if asked == "auto" else asked
@@ -197,7 +241,12 @@ def available() -> bool:
 
 def takes(groups: int) -> bool:
   """Whether a float32 NHWC convolution with ``groups`` feature groups goes to oneDNN."""
-  return available() and (groups > 1 or mode() == "all")
+  return available() and (groups > 1 or mode() in ("all", "xla_wgrad"))
+
+
+def takes_weight_grad(groups: int) -> bool:
+  """Whether such a convolution's weight gradient does too (``takes`` given)."""
+  return groups > 1 or mode() == "all"
 
 
 def _call(name, shape, a, b, strides, padding, groups):
@@ -229,7 +278,7 @@ def conv(x, w, strides, padding, groups=1):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _input_grad(dy, w, x_shape, strides, padding, groups):
+def input_grad(dy, w, x_shape, strides, padding, groups):
   """``D(dy, w)``: the input gradient of ``conv``, ``[N, H, W, C]`` (``x_shape``)."""
   return _call("bwd_data", x_shape, dy, w, strides, padding, groups)
 
@@ -247,12 +296,12 @@ def _conv_fwd(x, w, strides, padding, groups):
 
 def _conv_bwd(strides, padding, groups, res, dy):
   x, w = res
-  return (_input_grad(dy, w, x.shape, strides, padding, groups),
+  return (input_grad(dy, w, x.shape, strides, padding, groups),
           _weight_grad(x, dy, w.shape, strides, padding, groups))
 
 
 def _input_grad_fwd(dy, w, x_shape, strides, padding, groups):
-  return _input_grad(dy, w, x_shape, strides, padding, groups), (dy, w)
+  return input_grad(dy, w, x_shape, strides, padding, groups), (dy, w)
 
 
 def _input_grad_bwd(x_shape, strides, padding, groups, res, g):
@@ -269,10 +318,10 @@ def _weight_grad_fwd(x, dy, w_shape, strides, padding, groups):
 def _weight_grad_bwd(w_shape, strides, padding, groups, res, g):
   # <W(x, dy), g> = <x, D(dy, g)> = <dy, F(x, g)>.
   x, dy = res
-  return (_input_grad(dy, g, x.shape, strides, padding, groups),
+  return (input_grad(dy, g, x.shape, strides, padding, groups),
           conv(x, g, strides, padding, groups))
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
-_input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
+input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
 _weight_grad.defvjp(_weight_grad_fwd, _weight_grad_bwd)

@@ -1,7 +1,8 @@
 // XLA FFI handlers running 2-D convolutions on oneDNN (CPU, float32), grouped ones
 // (depthwise included) too.
 //
-// Built and loaded by sdl_jax/models/dnnl.py. Layouts are the models': activations NHWC,
+// Built and loaded by sdl_jax/models/dnnl.py, against oneDNN 2.x or 3.x (their primitive
+// descriptors are built differently; DNNL_VERSION_MAJOR picks). Layouts are the models': activations NHWC,
 // weights HWIO ([kh, kw, C / groups, O], output channel o in group o / (O / groups)),
 // row-major (XLA passes custom-call operands in their default layout).
 // Three handlers, one per direction of y = conv(x, w) with strides (sh, sw) and padding
@@ -71,11 +72,17 @@ Prim& Get(const Key& key) {
   auto wts_any = memory::desc(wts, dt::f32, tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const auto direct = dnnl::algorithm::convolution_direct;
+#if DNNL_VERSION_MAJOR >= 3
   auto fwd = dnnl::convolution_forward::primitive_desc(
-      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training,
-                                      dnnl::algorithm::convolution_direct, src_u, wts_any,
-                                      dst_u, strides, pad_l, pad_r),
+      Engine(), dnnl::prop_kind::forward_training, direct, src_u, wts_any, dst_u, strides,
+      pad_l, pad_r, attr);
+#else
+  auto fwd = dnnl::convolution_forward::primitive_desc(
+      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, direct, src_u,
+                                      wts_any, dst_u, strides, pad_l, pad_r),
       attr, Engine());
+#endif
   Prim p;
   if (kind == kFwd) {
     p.prim = dnnl::convolution_forward(fwd);
@@ -83,19 +90,29 @@ Prim& Get(const Key& key) {
     p.a_want = fwd.src_desc(); p.b_want = fwd.weights_desc(); p.out_want = fwd.dst_desc();
     p.a_user = src_u; p.b_user = wts_u; p.out_user = dst_u;
   } else if (kind == kBwdData) {
+#if DNNL_VERSION_MAJOR >= 3
     auto pd = dnnl::convolution_backward_data::primitive_desc(
-        dnnl::convolution_backward_data::desc(dnnl::algorithm::convolution_direct, src_u,
-                                              wts_any, dst_u, strides, pad_l, pad_r),
+        Engine(), direct, src_u, wts_any, dst_u, strides, pad_l, pad_r, fwd, attr);
+#else
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        dnnl::convolution_backward_data::desc(direct, src_u, wts_any, dst_u, strides, pad_l,
+                                              pad_r),
         attr, Engine(), fwd);
+#endif
     p.prim = dnnl::convolution_backward_data(pd);
     p.scratch = pd.scratchpad_desc();
     p.a_want = pd.diff_dst_desc(); p.b_want = pd.weights_desc(); p.out_want = pd.diff_src_desc();
     p.a_user = dst_u; p.b_user = wts_u; p.out_user = src_u;
   } else {
+#if DNNL_VERSION_MAJOR >= 3
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        dnnl::convolution_backward_weights::desc(dnnl::algorithm::convolution_direct, src_u,
-                                                 wts_any, dst_u, strides, pad_l, pad_r),
+        Engine(), direct, src_u, wts_any, dst_u, strides, pad_l, pad_r, fwd, attr);
+#else
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        dnnl::convolution_backward_weights::desc(direct, src_u, wts_any, dst_u, strides,
+                                                 pad_l, pad_r),
         attr, Engine(), fwd);
+#endif
     p.prim = dnnl::convolution_backward_weights(pd);
     p.scratch = pd.scratchpad_desc();
     p.a_want = pd.src_desc(); p.b_want = pd.diff_dst_desc(); p.out_want = pd.diff_weights_desc();
@@ -201,3 +218,9 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 SDL_DNNL_HANDLER(SdlDnnlConvFwd, kFwd)
 SDL_DNNL_HANDLER(SdlDnnlConvBwdData, kBwdData)
 SDL_DNNL_HANDLER(SdlDnnlConvBwdWeights, kBwdWeights)
+
+// The oneDNN version in use, major * 10000 + minor * 100 + patch (3.2.0: 30200).
+extern "C" int SdlDnnlVersion() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
+}
