@@ -179,8 +179,9 @@ def environment(args, torch_device) -> dict:
       "pool": args.pool,
       "kernels": kernels.mode(),
       "hand_paths": kernels.hand_paths(),
-      # Which convolutions the library sends to oneDNN here: all, grouped or off.
+      # Which convolutions the library sends to oneDNN here: all, xla_wgrad, grouped or off.
       "dnnl": dnnl.mode() if kernels.hand_paths() and dnnl.available() else "off",
+      "onednn": dnnl.version_string() if kernels.hand_paths() and dnnl.available() else None,
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
   }
@@ -395,8 +396,9 @@ def markdown(results: dict) -> str:
            + (f"; torch {env['torch_threads']} intra-op, {env['torch_interop_threads']} "
               f"inter-op, {env['torch_layout']}" if env.get("torch") else ""),
            f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}"
-           + (f" (oneDNN for {dnnl_mode} convolutions where the variant takes the library "
-              "path)" if dnnl_mode != "off" else "")
+           + (f" (oneDNN {env.get('onednn') or ''} for {dnnl_mode} convolutions where the "
+              "variant takes the library path)".replace("  ", " ")
+              if dnnl_mode != "off" else "")
            + "; "
            f"ResNet BatchNorm: {env.get('norm', 'library')}, "
            f"max-pool: {env.get('pool', 'library')}",
