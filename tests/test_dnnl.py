@@ -250,6 +250,21 @@ def test_xla_wgrad_mode_second_order_gradients_equal_lax():
 
 
 @needs_dnnl
+def test_loading_logs_the_version_at_info_level():
+  """(Logging it once recursed into ``_load`` until the stack ran out: run.py logs at
+  info level.)"""
+  code = ("import logging; logging.basicConfig(level=logging.INFO);"
+          "from sdl_jax.models import dnnl; print('MODE', dnnl.mode(), dnnl.available())")
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  env.pop("SDL_JAX_DNNL", None)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"MODE {dnnl.auto_mode()} True" in proc.stdout
+  assert f"oneDNN {dnnl.version_string()} convolutions loaded" in proc.stderr
+
+
+@needs_dnnl
 def test_version_is_the_loaded_onednn():
   v = dnnl.version()
   assert v is not None and v >= 20000, v

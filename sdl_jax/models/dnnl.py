@@ -138,7 +138,7 @@ def _load() -> str | None:
     _version = int(lib.SdlDnnlVersion())
   except (OSError, RuntimeError, AttributeError) as e:
     return str(e)
-  _log.info("oneDNN %s convolutions loaded", version_string())
+  _log.info("oneDNN %s convolutions loaded", _format(_version))
   return None
 
 
@@ -153,7 +153,11 @@ def version() -> int | None:
 
 
 def version_string() -> str:
-  v = version()
+  """``version()`` as ``major.minor.patch``, or ``unavailable``."""
+  return _format(version())
+
+
+def _format(v: int | None) -> str:
   return "unavailable" if v is None else f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
@@ -215,8 +219,8 @@ def _asked() -> str:
 
 def mode() -> str:
   """Which convolutions are asked to go to oneDNN: ``all``, ``xla_wgrad``, ``grouped`` or
-  ``off``
-  (``use``'s choice, else ``$SDL_JAX_DNNL``; ``auto`` resolved for this CPU)."""
+  ``off`` (``use``'s choice, else ``$SDL_JAX_DNNL``; ``auto`` resolved for this CPU and
+  oneDNN)."""
   asked = _asked()
   return auto_mode() if asked == "auto" else asked
 
