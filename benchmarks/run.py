@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from benchmarks import torch_process  # first: it records the environment
 from sdl_jax import perf
 
 ALL_SECTIONS = ("train", "loss", "pipeline")
@@ -105,6 +106,9 @@ def parse_args(argv=None):
                  help="torch.set_num_threads (0: the CPUs this process may use)")
   g.add_argument("--torch_layout", default="channels_last",
                  choices=("channels_last", "contiguous"))
+  g.add_argument("--torch_process", default="separate", choices=("separate", "same"),
+                 help="run PyTorch's train step in a child process of its own (default; "
+                      "benchmarks/torch_process.py) or in this one beside JAX's")
   g = p.add_argument_group("loss")
   g.add_argument("--loss_sizes", default="32x8,4096x1000", help="NxC,NxC,...")
   g.add_argument("--loss_repeats", type=int, default=7)
@@ -198,6 +202,7 @@ def environment(args, torch_device) -> dict:
     env["torch_threads"] = torch.get_num_threads()
     env["torch_interop_threads"] = torch.get_num_interop_threads()
     env["torch_layout"] = args.torch_layout
+    env["torch_process"] = args.torch_process
   return env
 
 
@@ -283,23 +288,33 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
   sides = {"jax": (lambda: jt.step(), jt.sync)}
   if torch_device:
     from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
-    tt = torch_train.TorchTrainer(
-        name, args.num_classes, images, labels, dists, model_kwargs=args.model_kwargs,
-        lr=float(config.learning_rate),
+    torch_args = (name, args.num_classes, images, labels, dists)
+    torch_kwargs = dict(
+        model_kwargs=args.model_kwargs, lr=float(config.learning_rate),
         weight_decay=float(config.weight_decay), lam=float(config.lam),
         channels_last=args.torch_layout == "channels_last",
-        bf16=(args.torch_dtype or args.dtype) == "bfloat16",
-        device=torch_device)
-    out["torch"] = {"params": tt.num_params()}
-    with perf.PeakRSS() as rss:
-      t0 = time.perf_counter()
-      tt.step()
-      tt.sync()
-      out["torch"]["first_step_s"] = time.perf_counter() - t0
-    out["torch"]["rss_growth_first_step"] = rss.growth
-    if torch_device == "cuda":
-      import torch  # pylint: disable=g-import-not-at-top
-      out["torch"]["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+        bf16=(args.torch_dtype or args.dtype) == "bfloat16", device=torch_device)
+    if args.torch_process == "separate":
+      tt = torch_process.TorchProcess(*torch_args, threads=args.torch_threads
+                                      or perf.cpu_count(), **torch_kwargs)
+      out["torch"] = {"params": tt.num_params()}
+      first = tt.first_step()
+      out["torch"]["first_step_s"] = first["seconds"]
+      out["torch"]["rss_growth_first_step"] = first["rss_growth"]
+      if torch_device == "cuda":
+        out["torch"]["device_peak_bytes"] = tt.peak_bytes()
+    else:
+      tt = torch_train.TorchTrainer(*torch_args, **torch_kwargs)
+      out["torch"] = {"params": tt.num_params()}
+      with perf.PeakRSS() as rss:
+        t0 = time.perf_counter()
+        tt.step()
+        tt.sync()
+        out["torch"]["first_step_s"] = time.perf_counter() - t0
+      out["torch"]["rss_growth_first_step"] = rss.growth
+      if torch_device == "cuda":
+        import torch  # pylint: disable=g-import-not-at-top
+        out["torch"]["device_peak_bytes"] = torch.cuda.max_memory_allocated()
     sides["torch"] = (lambda: tt.step(), tt.sync)
     log(f"  torch: first step {out['torch']['first_step_s']:.2f} s")
 
@@ -341,6 +356,8 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
     # Ratio of medians, and the median of per-repeat ratios (pairs timed back to back).
     out["ratio"] = out["jax"]["images_per_s"]["median"] / out["torch"]["images_per_s"]["median"]
     out["ratio_paired"] = float(np.median(np.asarray(times["torch"]) / np.asarray(times["jax"])))
+    if isinstance(tt, torch_process.TorchProcess):
+      tt.close()  # (a daemon: it dies with this process should anything above raise)
   del jt
   jax.clear_caches()
   return out
@@ -394,7 +411,9 @@ def markdown(results: dict) -> str:
            + (f", torch {env['torch']} on {env['torch_device']}" if env.get("torch") else ""),
            f"- threads: XLA intra-op pool {env['xla_threads']} (one per CPU)"
            + (f"; torch {env['torch_threads']} intra-op, {env['torch_interop_threads']} "
-              f"inter-op, {env['torch_layout']}" if env.get("torch") else ""),
+              f"inter-op, {env['torch_layout']}, in "
+              + ("a process of its own" if env.get("torch_process") == "separate"
+                 else "the same process as JAX") if env.get("torch") else ""),
            f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}"
            + (f" (oneDNN {env.get('onednn') or ''} for {dnnl_mode} convolutions where the "
               "variant takes the library path)".replace("  ", " ")

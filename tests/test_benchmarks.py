@@ -197,6 +197,7 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
 
   assert res["env"]["local_devices"] >= 1 and res["env"]["devices"]
   assert res["env"]["torch_threads"] >= 1
+  assert res["env"]["torch_process"] == "separate"
   assert res["env"]["cpu_isa"] == perf.cpu_isa()
   from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
   assert res["env"]["dnnl"] == (dnnl.mode() if dnnl.available() else "off")
@@ -234,6 +235,32 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
     assert heading in report
   assert "| small_cnn | 16 | 4 | float32 |" in report
   assert report.strip() in proc.stdout
+
+
+@pytest.mark.slow
+def test_torch_process_runs_the_trainer_in_a_child_and_reports_its_errors():
+  pytest.importorskip("torch")
+  from benchmarks import torch_process, torch_train  # pylint: disable=g-import-not-at-top
+  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  batch = synthetic_batch(4, 16, 5)
+  kwargs = dict(model_kwargs={"widths": [8]}, lr=0.01, weight_decay=5e-4, lam=0.6,
+                channels_last=True, bf16=False, device="cpu")
+  here = torch_train.TorchTrainer("small_cnn", 5, *batch, **kwargs)
+  child = torch_process.TorchProcess("small_cnn", 5, *batch, threads=1, **kwargs)
+  try:
+    assert child.num_params() == here.num_params()
+    assert child.info["threads"] == 1
+    first = child.first_step()
+    assert first["seconds"] > 0
+    child.step()
+    child.step()
+    child.sync()
+    assert child.peak_bytes() is None  # no CUDA here
+  finally:
+    child.close()
+  assert not child._proc.is_alive()  # pylint: disable=protected-access
+  with pytest.raises(RuntimeError, match="(?s)failed:.*no_such_model"):
+    torch_process.TorchProcess("no_such_model", 5, *batch, threads=1, **kwargs)
 
 
 @pytest.mark.slow
