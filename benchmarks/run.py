@@ -275,12 +275,8 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
   out["jax"]["xla_step_gflop"] = (hw_flops * len(jt.devices) / 1e9 if hw_flops and
                                   jt.parallel == "pmap" else
                                   hw_flops / 1e9 if hw_flops else None)
-  with perf.PeakRSS() as rss:
-    t0 = time.perf_counter()
-    jt.step()
-    jt.sync()
-    out["jax"]["first_step_s"] = time.perf_counter() - t0
-  out["jax"]["rss_growth_first_step"] = rss.growth
+  out["jax"]["first_step_s"], out["jax"]["rss_growth_first_step"] = perf.timed_step(
+      jt.step, jt.sync)
   out["jax"]["device_peak_bytes"] = perf.device_peak_bytes(jt.devices[0])
   log(f"  jax: compiled in {out['jax']['compile_s']:.1f} s, first step "
       f"{out['jax']['first_step_s']:.2f} s")
@@ -306,12 +302,8 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
     else:
       tt = torch_train.TorchTrainer(*torch_args, **torch_kwargs)
       out["torch"] = {"params": tt.num_params()}
-      with perf.PeakRSS() as rss:
-        t0 = time.perf_counter()
-        tt.step()
-        tt.sync()
-        out["torch"]["first_step_s"] = time.perf_counter() - t0
-      out["torch"]["rss_growth_first_step"] = rss.growth
+      out["torch"]["first_step_s"], out["torch"]["rss_growth_first_step"] = perf.timed_step(
+          tt.step, tt.sync)
       if torch_device == "cuda":
         import torch  # pylint: disable=g-import-not-at-top
         out["torch"]["device_peak_bytes"] = torch.cuda.max_memory_allocated()

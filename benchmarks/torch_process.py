@@ -60,13 +60,8 @@ def _serve(conn, env, threads, args, kwargs):
         trainer.sync()
         reply = None
       elif cmd == "first_step":
-        import time  # pylint: disable=g-import-not-at-top
-        with perf.PeakRSS() as rss:
-          t0 = time.perf_counter()
-          trainer.step()
-          trainer.sync()
-          seconds = time.perf_counter() - t0
-        reply = {"seconds": seconds, "rss_growth": rss.growth}
+        seconds, growth = perf.timed_step(trainer.step, trainer.sync)
+        reply = {"seconds": seconds, "rss_growth": growth}
       elif cmd == "peak_bytes":
         reply = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None)
       elif cmd == "close":

@@ -259,6 +259,16 @@ class PeakRSS:
     return False
 
 
+def timed_step(step: Callable[[], Any], sync: Callable[[], Any]) -> tuple[float, int | None]:
+  """Seconds and peak RSS growth (``PeakRSS``) of one ``step(); sync()``."""
+  with PeakRSS() as rss:
+    t0 = time.perf_counter()
+    step()
+    sync()
+    seconds = time.perf_counter() - t0
+  return seconds, rss.growth
+
+
 def device_peak_bytes(device) -> int | None:
   """``peak_bytes_in_use`` of an accelerator's allocator (None on CPU)."""
   try:

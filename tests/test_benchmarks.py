@@ -106,6 +106,18 @@ def test_peak_rss_sees_a_temporary_allocation():
   assert rss.growth is not None and rss.growth >= 24 * 2**20
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_timed_step_times_step_then_sync_and_their_memory():
+  calls = []
+  def step():
+    calls.append("step")
+    x = np.ones(32 * 2**20 // 8)
+    del x
+  seconds, growth = perf.timed_step(step, lambda: calls.append("sync"))
+  assert calls == ["step", "sync"] and seconds > 0
+  assert growth is not None and growth >= 24 * 2**20
+
+
 def test_jax_matmul_peak_is_a_rate():
   flops = perf.jax_matmul_peak(n=64, repeats=2, inner=2)
   assert np.isfinite(flops) and flops > 0
