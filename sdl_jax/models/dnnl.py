@@ -116,7 +116,8 @@ def build() -> Path:
   if proc.returncode != 0:
     os.unlink(tmp)
     errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()] or [proc.stderr]
-    raise RuntimeError(f"compiling {SOURCE.name} failed (is oneDNN installed: onednn-devel-cpu-gomp or libdnnl-dev?): "
+    raise RuntimeError(f"compiling {SOURCE.name} failed (is oneDNN installed: "
+                       "onednn-devel-cpu-gomp or libdnnl-dev?): "
                        + " | ".join(errors)[:2000])
   os.replace(tmp, target)
   return target
