@@ -407,8 +407,8 @@ def markdown(results: dict) -> str:
               + ("a process of its own" if env.get("torch_process") == "separate"
                  else "the same process as JAX") if env.get("torch") else ""),
            f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}"
-           + (f" (oneDNN {env.get('onednn') or ''} for {dnnl_mode} convolutions where the "
-              "variant takes the library path)".replace("  ", " ")
+           + (f" ({' '.join(filter(None, ['oneDNN', env.get('onednn')]))} for {dnnl_mode} "
+              "convolutions where the variant takes the library path)"
               if dnnl_mode != "off" else "")
            + "; "
            f"ResNet BatchNorm: {env.get('norm', 'library')}, "

@@ -44,9 +44,7 @@ def _serve(conn, env, threads, args, kwargs):
     from sdl_jax import perf  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(threads)
     trainer = torch_train.TorchTrainer(*args, **kwargs)
-    conn.send(("ok", {"params": trainer.num_params(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(),
-                      "interop_threads": torch.get_num_interop_threads()}))
+    conn.send(("ok", {"params": trainer.num_params(), "threads": torch.get_num_threads()}))
   except Exception:  # pylint: disable=broad-except
     conn.send(("error", traceback.format_exc()))
     return
@@ -68,7 +66,7 @@ def _serve(conn, env, threads, args, kwargs):
         conn.send(("ok", None))
         return
       else:
-        reply = None
+        raise ValueError(f"unknown command {cmd!r}")
       conn.send(("ok", reply))
     except Exception:  # pylint: disable=broad-except
       conn.send(("error", traceback.format_exc()))
