@@ -109,6 +109,11 @@ def parse_args(argv=None):
   g.add_argument("--torch_process", default="separate", choices=("separate", "same"),
                  help="run PyTorch's train step in a child process of its own (default; "
                       "benchmarks/torch_process.py) or in this one beside JAX's")
+  g.add_argument("--torch_malloc", default="default", choices=("default", "keep"),
+                 help="glibc's allocator in PyTorch's process: as PyTorch runs it (default) "
+                      "or keeping freed memory as the library's process does (keep; "
+                      "sdl_jax.perf.keep_freed_memory); with --torch_process=same it is "
+                      "JAX's process's")
   g = p.add_argument_group("loss")
   g.add_argument("--loss_sizes", default="32x8,4096x1000", help="NxC,NxC,...")
   g.add_argument("--loss_repeats", type=int, default=7)
@@ -188,6 +193,8 @@ def environment(args, torch_device) -> dict:
       "onednn": dnnl.version_string() if kernels.hand_paths() and dnnl.available() else None,
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
+      # Whether glibc keeps freed memory in this process (sdl_jax.perf.keep_freed_memory).
+      "malloc_keep": perf.freed_memory_kept(),
   }
   try:
     import flax  # pylint: disable=g-import-not-at-top
@@ -203,7 +210,13 @@ def environment(args, torch_device) -> dict:
     env["torch_interop_threads"] = torch.get_num_interop_threads()
     env["torch_layout"] = args.torch_layout
     env["torch_process"] = args.torch_process
+    env["torch_malloc_keep"] = (args.torch_malloc == "keep" if args.torch_process == "separate"
+                                else env["malloc_keep"])
   return env
+
+
+def _yes_no(value) -> str:
+  return {True: "yes", False: "no"}.get(value, "not recorded")
 
 
 def pick_torch_device(args) -> str | None:
@@ -292,8 +305,10 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
         bf16=(args.torch_dtype or args.dtype) == "bfloat16", device=torch_device)
     if args.torch_process == "separate":
       tt = torch_process.TorchProcess(*torch_args, threads=args.torch_threads
-                                      or perf.cpu_count(), **torch_kwargs)
-      out["torch"] = {"params": tt.num_params()}
+                                      or perf.cpu_count(), malloc=args.torch_malloc,
+                                      **torch_kwargs)
+      out["torch"] = {"params": tt.num_params(),
+                      "malloc_keep": tt.info["freed_memory_kept"]}
       first = tt.first_step()
       out["torch"]["first_step_s"] = first["seconds"]
       out["torch"]["rss_growth_first_step"] = first["rss_growth"]
@@ -406,6 +421,10 @@ def markdown(results: dict) -> str:
               f"inter-op, {env['torch_layout']}, in "
               + ("a process of its own" if env.get("torch_process") == "separate"
                  else "the same process as JAX") if env.get("torch") else ""),
+           "- glibc malloc keeps freed memory (`sdl_jax.perf.keep_freed_memory`): "
+           + _yes_no(env.get("malloc_keep")) + " in JAX's process"
+           + (f", {_yes_no(env.get('torch_malloc_keep'))} in PyTorch's"
+              if env.get("torch") else ""),
            f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}"
            + (f" ({' '.join(filter(None, ['oneDNN', env.get('onednn')]))} for {dnnl_mode} "
               "convolutions where the variant takes the library path)"

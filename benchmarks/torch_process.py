@@ -12,7 +12,10 @@ interleaved: while one side runs the other waits idle.
 
 The child gets the parent's environment but ``OMP_WAIT_POLICY`` as it was before this
 module was imported (the library sets it for its own oneDNN threads; it is not PyTorch's
-default), and ``torch.set_num_threads(threads)``.
+default), ``$SDL_JAX_MALLOC`` set to ``malloc`` (``default``: glibc's allocator as PyTorch
+runs by default, though the child imports ``sdl_jax``, whose import would otherwise keep
+freed memory; ``keep``: the same allocator setting as the library's process), and
+``torch.set_num_threads(threads)``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import traceback
 _START_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 
-def _child_env() -> dict:
+def _child_env(malloc: str = "default") -> dict:
   env = dict(os.environ)
   env.pop("OMP_WAIT_POLICY", None)
   if _START_WAIT_POLICY is not None:
     env["OMP_WAIT_POLICY"] = _START_WAIT_POLICY
+  env["SDL_JAX_MALLOC"] = malloc
   return env
 
 
@@ -44,7 +48,8 @@ def _serve(conn, env, threads, args, kwargs):
     from sdl_jax import perf  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(threads)
     trainer = torch_train.TorchTrainer(*args, **kwargs)
-    conn.send(("ok", {"params": trainer.num_params(), "threads": torch.get_num_threads()}))
+    conn.send(("ok", {"params": trainer.num_params(), "threads": torch.get_num_threads(),
+                      "freed_memory_kept": perf.freed_memory_kept()}))
   except Exception:  # pylint: disable=broad-except
     conn.send(("error", traceback.format_exc()))
     return
@@ -76,14 +81,16 @@ def _serve(conn, env, threads, args, kwargs):
 class TorchProcess:
   """``torch_train.TorchTrainer(*args, **kwargs)`` in a child process, with its
   ``step``/``sync``/``num_params``; ``first_step()`` times one step there (seconds and
-  the child's peak RSS growth). Raises RuntimeError with the child's traceback if it
-  fails."""
+  the child's peak RSS growth). ``malloc``: the child's ``$SDL_JAX_MALLOC`` (``default``
+  or ``keep``). Raises RuntimeError with the child's traceback if it fails."""
 
-  def __init__(self, *args, threads: int, **kwargs):
+  def __init__(self, *args, threads: int, malloc: str = "default", **kwargs):
+    from sdl_jax import perf  # pylint: disable=g-import-not-at-top
+    malloc = perf.malloc_mode(malloc)
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
     self._proc = ctx.Process(target=_serve, daemon=True,
-                             args=(child, _child_env(), threads, args, kwargs))
+                             args=(child, _child_env(malloc), threads, args, kwargs))
     self._proc.start()
     child.close()
     self.info = self._reply()

@@ -2,7 +2,9 @@
 that checks the output's structure (never its speeds)."""
 
 import json
+import mmap
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -100,10 +102,67 @@ def test_compiled_memory_and_flops_of_a_matmul():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
 def test_peak_rss_sees_a_temporary_allocation():
+  # An anonymous map, not malloc: glibc keeps freed memory here (the library's import,
+  # perf.keep_freed_memory), so a malloc'd block could reuse pages already resident.
   with perf.PeakRSS() as rss:
-    x = np.ones(32 * 2**20 // 8)  # 32 MiB, touched, then freed
-    del x
+    m = mmap.mmap(-1, 32 * 2**20)  # 32 MiB, touched, then unmapped
+    m.write(b"\1" * len(m))
+    m.close()
   assert rss.growth is not None and rss.growth >= 24 * 2**20
+
+
+# Run in a fresh interpreter: mallocs and frees 256 MiB twice on a new thread (as XLA's
+# threads allocate a step's temporaries), printing the page faults of each pass.
+_FAULTS = """
+import ctypes, resource, threading, sdl_jax
+from sdl_jax import perf
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size, faults = 256 * 2**20, []
+def passes():
+  for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+t = threading.Thread(target=passes)
+t.start()
+t.join()
+print(perf.freed_memory_kept(), *faults)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+@pytest.mark.parametrize("value,kept", [(None, True), ("keep", True), ("default", False)])
+def test_import_keeps_freed_memory_unless_told_not_to(value, kept):
+  """With the library's allocator setting a block freed and allocated again is reused
+  without page faults; with glibc's defaults a block this large is mapped, unmapped and
+  faulted in anew (one fault per 4 KiB page)."""
+  env = {k: v for k, v in os.environ.items() if k != perf.MALLOC_ENV}
+  if value is not None:
+    env[perf.MALLOC_ENV] = value
+  out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, check=True,
+                       capture_output=True, text=True, cwd=REPO).stdout.split()
+  pages = 256 * 2**20 // 4096
+  assert out[0] == str(kept)
+  first, second = int(out[1]), int(out[2])
+  assert first > pages // 2  # the first pass touches fresh memory either way
+  if kept:
+    assert second < pages // 20
+  else:
+    assert second > pages // 2
+
+
+def test_malloc_mode_names_the_variable_on_a_bad_value(monkeypatch):
+  monkeypatch.setenv(perf.MALLOC_ENV, "Keep ")
+  assert perf.malloc_mode() == "keep"
+  monkeypatch.delenv(perf.MALLOC_ENV)
+  assert perf.malloc_mode() == "keep"
+  with pytest.raises(ValueError, match=r"\$SDL_JAX_MALLOC must be one of .*'never'"):
+    perf.malloc_mode("never")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
@@ -262,6 +321,9 @@ def test_torch_process_runs_the_trainer_in_a_child_and_reports_its_errors():
   try:
     assert child.num_params() == here.num_params()
     assert child.info["threads"] == 1
+    # PyTorch's process runs glibc's allocator as it comes (malloc="default"), though
+    # it imports sdl_jax.
+    assert child.info["freed_memory_kept"] is False
     first = child.first_step()
     assert first["seconds"] > 0
     child.step()
@@ -273,6 +335,9 @@ def test_torch_process_runs_the_trainer_in_a_child_and_reports_its_errors():
   assert not child._proc.is_alive()  # pylint: disable=protected-access
   with pytest.raises(RuntimeError, match="(?s)failed:.*no_such_model"):
     torch_process.TorchProcess("no_such_model", 5, *batch, threads=1, **kwargs)
+  with pytest.raises(ValueError, match="SDL_JAX_MALLOC"):
+    torch_process.TorchProcess("small_cnn", 5, *batch, threads=1, malloc="sometimes",
+                               **kwargs)
 
 
 @pytest.mark.slow
