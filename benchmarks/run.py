@@ -309,6 +309,10 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
                                       **torch_kwargs)
       out["torch"] = {"params": tt.num_params(),
                       "malloc_keep": tt.info["freed_memory_kept"]}
+      if out["torch"]["malloc_keep"] != (args.torch_malloc == "keep"):
+        raise RuntimeError(f"PyTorch's process was asked for --torch_malloc="
+                           f"{args.torch_malloc} but kept freed memory: "
+                           f"{out['torch']['malloc_keep']}")
       first = tt.first_step()
       out["torch"]["first_step_s"] = first["seconds"]
       out["torch"]["rss_growth_first_step"] = first["rss_growth"]

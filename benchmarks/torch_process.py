@@ -20,6 +20,7 @@ freed memory; ``keep``: the same allocator setting as the library's process), an
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import traceback
@@ -35,6 +36,28 @@ def _child_env(malloc: str = "default") -> dict:
     env["OMP_WAIT_POLICY"] = _START_WAIT_POLICY
   env["SDL_JAX_MALLOC"] = malloc
   return env
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+  """``os.environ`` is ``env`` inside the block (only the variables that differ are set or
+  removed), and as it was after it."""
+  changed = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}
+  saved = {k: os.environ.get(k) for k in changed}
+  for k in changed:
+    _set(k, env.get(k))
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      _set(k, v)
+
+
+def _set(key: str, value: str | None):
+  if value is None:
+    os.environ.pop(key, None)
+  else:
+    os.environ[key] = value
 
 
 def _serve(conn, env, threads, args, kwargs):
@@ -89,9 +112,14 @@ class TorchProcess:
     malloc = perf.malloc_mode(malloc)
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
+    env = _child_env(malloc)
     self._proc = ctx.Process(target=_serve, daemon=True,
-                             args=(child, _child_env(malloc), threads, args, kwargs))
-    self._proc.start()
+                             args=(child, env, threads, args, kwargs))
+    # The environment must be the child's already when it starts: before ``_serve`` runs,
+    # spawn imports this program's main module (benchmarks.run imports sdl_jax, whose
+    # import reads $SDL_JAX_MALLOC).
+    with _environment(env):
+      self._proc.start()
     child.close()
     self.info = self._reply()
     self._pending = 0

@@ -269,6 +269,9 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   assert res["env"]["local_devices"] >= 1 and res["env"]["devices"]
   assert res["env"]["torch_threads"] >= 1
   assert res["env"]["torch_process"] == "separate"
+  # This process keeps freed memory (the library's import), PyTorch's runs glibc's
+  # defaults: started by the real command line, whose main module imports sdl_jax.
+  assert res["env"]["malloc_keep"] == (platform.libc_ver()[0] == "glibc")
   assert res["env"]["cpu_isa"] == perf.cpu_isa()
   from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
   assert res["env"]["dnnl"] == (dnnl.mode() if dnnl.available() else "off")
@@ -282,6 +285,7 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
     assert len(ips["all"]) == 2 and ips["min"] <= ips["median"] <= ips["max"]
     assert train[side]["mfu"] > 0
   assert train["jax"]["params"] == train["torch"]["params"]  # the same architecture
+  assert train["torch"]["malloc_keep"] is False
   assert train["jax"]["compile_s"] > 0 and train["jax"]["xla_memory"]["total"] > 0
   assert train["ratio"] == pytest.approx(
       train["jax"]["images_per_s"]["median"] / train["torch"]["images_per_s"]["median"])
