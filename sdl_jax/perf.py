@@ -88,8 +88,10 @@ def keep_freed_memory() -> bool:
   on every call, and glibc serves blocks that large with a fresh ``mmap`` and unmaps them on
   free, so every page page-faults once per step (EfficientNet-Lite0 at batch 32: ~570,000
   faults and ~2.3 s of system time per step on the 2-core machine; README, "Performance").
-  Kept, the memory is reused and the faults go; the process keeps its peak heap (Lite0's
-  peak RSS 7.7 instead of 3.4 GiB). Threads that allocated before the call keep their own
+  Kept, the memory is reused and the faults go; the process keeps its peak heap, and the
+  single heap can fragment: Lite0's peak RSS grew once or twice by a step's temporaries
+  (3.3 -> 5.5 GiB at step 16 of 40, then steady; 5.5 -> 7.7 GiB at step 9 of 12 in another
+  run; 3.4 GiB with glibc's defaults), that step taking ~6 s. Threads that allocated before the call keep their own
   arenas, so it must run before JAX starts its CPU client: importing ``sdl_jax`` calls it
   unless ``$SDL_JAX_MALLOC`` is ``default``.
 
