@@ -60,11 +60,10 @@ def _set(key: str, value: str | None):
     os.environ[key] = value
 
 
-def _serve(conn, env, threads, args, kwargs):
+def _serve(conn, threads, args, kwargs):
   """The child: builds the trainer, then answers ``step``, ``sync``, ``first_step``,
-  ``peak_bytes`` and ``close`` until told to close."""
-  os.environ.clear()
-  os.environ.update(env)
+  ``peak_bytes`` and ``close`` until told to close. Its environment was set before it
+  started (``TorchProcess``)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
@@ -114,7 +113,7 @@ class TorchProcess:
     self._conn, child = ctx.Pipe()
     env = _child_env(malloc)
     self._proc = ctx.Process(target=_serve, daemon=True,
-                             args=(child, env, threads, args, kwargs))
+                             args=(child, threads, args, kwargs))
     # The environment must be the child's already when it starts: before ``_serve`` runs,
     # spawn imports this program's main module (benchmarks.run imports sdl_jax, whose
     # import reads $SDL_JAX_MALLOC).

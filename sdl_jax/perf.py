@@ -91,8 +91,8 @@ def keep_freed_memory() -> bool:
   Kept, the memory is reused and the faults go; the process keeps its peak heap, and the
   single heap can fragment: Lite0's peak RSS grew once or twice by a step's temporaries
   (3.3 -> 5.5 GiB at step 16 of 40, then steady; 5.5 -> 7.7 GiB at step 9 of 12 in another
-  run; 3.4 GiB with glibc's defaults), that step taking ~6 s. Threads that allocated before the call keep their own
-  arenas, so it must run before JAX starts its CPU client: importing ``sdl_jax`` calls it
+  run; 3.4 GiB with glibc's defaults), that step taking ~6 s. Threads that allocated
+  before the call keep their own arenas, so it must run before JAX starts its CPU client: importing ``sdl_jax`` calls it
   unless ``$SDL_JAX_MALLOC`` is ``default``.
 
   Returns:
@@ -108,8 +108,10 @@ def keep_freed_memory() -> bool:
   mallopt.restype = ctypes.c_int
   global _freed_memory_kept
   # -1 as mallopt's int is read as the largest size_t for the trim threshold.
-  _freed_memory_kept = all(mallopt(p, v) == 1 for p, v in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+  # Every option is tried (a list, not all()'s short circuit): one refused leaves the others.
+  applied = [mallopt(p, v) == 1 for p, v in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))]
+  _freed_memory_kept = all(applied)
   return _freed_memory_kept
 
 

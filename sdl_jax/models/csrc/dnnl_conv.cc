@@ -3,8 +3,8 @@
 //
 // Built and loaded by sdl_jax/models/dnnl.py, against oneDNN 2.x or 3.x (their primitive
 // descriptors are built differently; DNNL_VERSION_MAJOR picks). Layouts are the models':
-// activations NHWC, weights HWIO ([kh, kw, C / groups, O], output channel o in group o / (O / groups)),
-// row-major (XLA passes custom-call operands in their default layout).
+// activations NHWC, weights HWIO ([kh, kw, C / groups, O], output channel o in group
+// o / (O / groups)), row-major (XLA passes custom-call operands in their default layout).
 // Three handlers, one per direction of y = conv(x, w) with strides (sh, sw) and padding
 // ((pt, pb), (pl, pr)) and ``groups`` feature groups:
 //   SdlDnnlConvFwd        (x, w)  -> y
