@@ -93,7 +93,8 @@ def _use(conv_variants, variant: str) -> dict:
     elif key in ("norm", "pool"):
       ops[key] = value
     elif key.startswith("xla_"):
-      options[key] = value
+      # XLA takes a bool option only as a bool, not as the string 'true'.
+      options[key] = {"true": True, "false": False}.get(value.lower(), value)
     else:
       raise ValueError(f"--variants: unknown setting {key!r} in {variant!r} "
                        "(norm=, pool=, xla_...=)")
