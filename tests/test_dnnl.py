@@ -94,8 +94,11 @@ def test_library_sends_float32_nhwc_convolutions_to_dnnl_only():
       lambda x, w: library_conv(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw))(x, w))
   assert "SdlDnnlConvFwd" in trace(x, w)
   assert "SdlDnnlConvFwd" in trace(x, jnp.ones((3, 3, 1, 4)), feature_group_count=4)
-  # bfloat16, another layout, and with oneDNN off: not oneDNN.
-  assert "SdlDnnlConv" not in trace(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  # bfloat16 only where this CPU has fast bfloat16 kernels (dnnl.bf16); float16, another
+  # layout, and with oneDNN off: not oneDNN.
+  bf = lambda a: a.astype(jnp.bfloat16)
+  assert ("SdlDnnlConvFwd" in trace(bf(x), bf(w))) == dnnl.bf16()
+  assert "SdlDnnlConv" not in trace(x.astype(jnp.float16), w.astype(jnp.float16))
   nchw = str(jax.make_jaxpr(lambda x, w: library_conv(
       x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")))(
           jnp.ones((2, 4, 6, 6)), jnp.ones((4, 4, 3, 3))))
@@ -103,6 +106,101 @@ def test_library_sends_float32_nhwc_convolutions_to_dnnl_only():
   with dnnl.disabled():
     assert "SdlDnnlConv" not in trace(x, w)
   assert "SdlDnnlConvFwd" in trace(x, w)
+
+
+needs_bf16 = pytest.mark.skipif(
+    not (_AVAILABLE and dnnl.bf16()),
+    reason="no oneDNN bfloat16 kernels on this CPU (needs avx512_bf16 or amx_bf16)")
+
+
+def _bf16_close(got, want, what):
+  """bfloat16 results against float32 ones computed from the same (rounded) inputs: off by
+  the output's rounding (2^-9 relative) and float32 sums in another order, so within 1% of
+  the largest magnitude; a wrong tap, channel or layout is off by order one."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  scale = float(np.max(np.abs(want)))
+  err = float(np.max(np.abs(got - want)))
+  assert err <= 1e-2 * scale, f"{what}: max error {err:.3g} against max |value| {scale:.3g}"
+
+
+@needs_bf16
+@pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", [
+    (9, 3, 8, 3, (2, 2), ((0, 1), (0, 1)), 1),      # RGB stem, stride 2, TF-style SAME
+    (8, 16, 24, 1, (1, 1), ((0, 0), (0, 0)), 1),    # 1x1
+    (9, 16, 16, 3, (1, 1), ((1, 1), (1, 1)), 1),    # 3x3 SAME
+    (12, 16, 16, 5, (2, 2), ((1, 2), (1, 2)), 16),  # depthwise 5x5/2
+    (9, 8, 8, 3, (1, 1), ((1, 1), (1, 1)), 8),      # depthwise 3x3
+])
+def test_bf16_conv_value_and_gradients_match_float32_lax(h, cin, cout, k, strides, padding,
+                                                         groups):
+  rng = np.random.default_rng(h * k + groups)
+  x = jnp.asarray(rng.normal(size=(2, h, h + 1, cin)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.bfloat16)
+  f32 = lambda a: a.astype(jnp.float32)
+  ref = lambda x, w: lax.conv_general_dilated(f32(x), f32(w), strides, padding,
+                                              dimension_numbers=DN, feature_group_count=groups)
+  conv = lambda x, w: dnnl.conv(x, w, strides, padding, groups)
+  got = jax.jit(conv)(x, w)
+  assert got.dtype == jnp.bfloat16
+  _bf16_close(got, ref(x, w), "forward")
+  dy = jnp.asarray(rng.normal(size=got.shape), jnp.bfloat16)
+  gx, gw = jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy))(x, w, dy)
+  rx, rw = jax.vjp(ref, x, w)[1](f32(dy))
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  _bf16_close(gx, rx, "input gradient")
+  _bf16_close(gw, rw, "weight gradient")
+
+
+@needs_dnnl
+def test_bf16_stays_on_xla_where_the_cpu_has_no_fast_kernels(monkeypatch):
+  x, w = jnp.ones((2, 6, 6, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 4), jnp.bfloat16)
+  monkeypatch.setattr(dnnl, "_bf16", False)
+  assert not dnnl.bf16() and not dnnl.takes(1, jnp.bfloat16) and dnnl.takes(1)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: library_conv(x, w, (1, 1), "SAME",
+                                                       dimension_numbers=DN))(x, w))
+  assert "SdlDnnlConv" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
+@needs_dnnl
+def test_handler_names_the_problem_with_mixed_dtypes():
+  """Called directly with a float32 input and bfloat16 weights the handler refuses with
+  its own message rather than reading the buffers wrongly."""
+  x, w = jnp.ones((1, 4, 4, 2), jnp.float32), jnp.ones((1, 1, 2, 2), jnp.bfloat16)
+  with pytest.raises(Exception, match="all be float32 or all bfloat16"):
+    jax.block_until_ready(dnnl._call("fwd", (1, 4, 4, 2), x, w, (1, 1), ((0, 0), (0, 0)), 1))
+
+
+@needs_bf16
+def test_small_cnn_bf16_train_step_gradients_as_close_to_float32_as_xla_paths():
+  """The bfloat16 model's gradients on oneDNN and on XLA's paths, each against the float32
+  model's: both round activations to bfloat16 (5-10% relative error per leaf here, the
+  BatchNorm ones cancelling), at different points, so oneDNN's may be no more than twice
+  as far off as XLA's; a wrong convolution is off by order one."""
+  from sdl_jax import models  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 12, 12, 3)), jnp.float32)
+
+  def grads(dtype, dnnl_on):
+    model = models.get_model("small_cnn", 10, widths=(8, 16), dtype=dtype)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)), train=False)
+
+    def loss(params):
+      y, _ = model.apply({**variables, "params": params}, x, train=True,
+                         mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
+      return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    with dnnl.use(dnnl_on):
+      if dtype == jnp.bfloat16:
+        assert ("SdlDnnlConv" in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+                ) == dnnl_on
+      return jax.jit(jax.grad(loss))(variables["params"])
+
+  want = grads(jnp.float32, False)
+  on, off = grads(jnp.bfloat16, True), grads(jnp.bfloat16, False)
+  for (path, r), g, h in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(on),
+                             jax.tree.leaves(off)):
+    r = np.asarray(r, np.float32)
+    err = lambda a: np.linalg.norm(np.asarray(a, np.float32) - r) / np.linalg.norm(r)
+    assert err(g) <= 2 * err(h) + 1e-2, (jax.tree_util.keystr(path), err(g), err(h))
 
 
 @needs_dnnl

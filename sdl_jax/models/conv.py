@@ -1,4 +1,5 @@
-"""A drop-in ``lax.conv_general_dilated`` that on the CPU runs float32 NHWC convolutions on
+"""A drop-in ``lax.conv_general_dilated`` that on the CPU runs float32 NHWC convolutions (and
+bfloat16 ones where the CPU has bfloat16 arithmetic, ``dnnl.bf16``) on
 oneDNN (``sdl_jax.models.dnnl``, where it is installed and ``$SDL_JAX_DNNL`` sends them:
 by default all on an AVX-512 CPU; elsewhere all but the dense ones' weight gradients with
 oneDNN 3, the grouped ones with oneDNN 2) and otherwise depthwise
@@ -360,17 +361,17 @@ def explicit_padding(lhs_shape, rhs_shape, window_strides, padding):
 
 def _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
              feature_group_count, batch_group_count, precision, preferred_element_type):
-  """Whether a call goes to oneDNN (``dnnl.conv``): an NHWC/HWIO float32 convolution
-  (grouped or depthwise too) without dilation or negative padding, of the kinds
+  """Whether a call goes to oneDNN (``dnnl.conv``): an NHWC/HWIO convolution, float32 or
+  (where ``dnnl.bf16()``) bfloat16, grouped or depthwise too, without dilation or negative
+  padding, of the kinds
   ``dnnl.mode()`` sends there, where oneDNN is available (``dnnl.takes``)."""
-  if (precision is not None or lhs.dtype != jnp.float32
-      or rhs.dtype != jnp.float32
+  if (precision is not None or lhs.dtype != rhs.dtype
       or not is_plain_nhwc(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation,
                            dimension_numbers, batch_group_count, preferred_element_type)):
     return False
   if not isinstance(padding, str) and min(min(p) for p in padding) < 0:
     return False
-  return dnnl.takes(int(feature_group_count))
+  return dnnl.takes(int(feature_group_count), lhs.dtype)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

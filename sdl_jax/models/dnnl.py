@@ -31,6 +31,13 @@ Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
 * ``grouped``: grouped and depthwise convolutions only.
 * ``off`` (also ``0``, ``false``, ``no``): none; XLA's kernels and the hand paths.
 
+bfloat16 (``config.dtype = "bfloat16"``: bfloat16 activations and weights, float32 master
+weights): where the CPU has bfloat16 arithmetic (``avx512_bf16``, e.g. AMD Zen 4/5, or
+Intel's ``amx_bf16``) and oneDNN has its own kernels for it in every direction (probed once
+at load, ``bf16()``), bfloat16 convolutions go to oneDNN as float32 ones do, all three
+operands bfloat16 (oneDNN sums in float32); elsewhere they stay on XLA's kernels, which on
+CPUs without it are slower than float32 ones.
+
 Asked for explicitly but unavailable (no compiler, no oneDNN), the reason is logged once
 as a warning and XLA's convolutions are used; under ``auto`` the same is logged at info
 level.
@@ -137,6 +144,9 @@ def _load() -> str | None:
     for name in TARGETS.values():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     _version = int(lib.SdlDnnlVersion())
+    global _bf16
+    _bf16 = bool(lib.SdlDnnlBf16()) and any(
+        f in _cpu_isa() for f in ("avx512_bf16", "amx_bf16"))
   except (OSError, RuntimeError, AttributeError) as e:
     return str(e)
   _log.info("oneDNN %s convolutions loaded", _format(_version))
@@ -144,6 +154,7 @@ def _load() -> str | None:
 
 
 _version: int | None = None
+_bf16 = False
 
 
 def version() -> int | None:
@@ -244,8 +255,22 @@ def available() -> bool:
   return reason is None
 
 
-def takes(groups: int) -> bool:
-  """Whether a float32 NHWC convolution with ``groups`` feature groups goes to oneDNN."""
+def bf16() -> bool:
+  """Whether bfloat16 convolutions go to oneDNN too: it is available and this CPU has
+  bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16``) for which oneDNN has kernels of
+  its own for every direction (not its reference ones)."""
+  return available() and _bf16
+
+
+def takes(groups: int, dtype=jnp.float32) -> bool:
+  """Whether an NHWC convolution with ``groups`` feature groups and operands of ``dtype``
+  goes to oneDNN: float32 ones as ``mode()`` says, bfloat16 ones likewise where ``bf16()``."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16:
+    if not bf16():
+      return False
+  elif dtype != jnp.float32:
+    return False
   return available() and (groups > 1 or mode() in ("all", "xla_wgrad"))
 
 
@@ -257,15 +282,16 @@ def takes_weight_grad(groups: int) -> bool:
 def _call(name, shape, a, b, strides, padding, groups):
   (pt, pb), (pl, pr) = padding
   attrs = dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr, groups=groups)
-  return jax.ffi.ffi_call(TARGETS[name], jax.ShapeDtypeStruct(shape, jnp.float32))(
+  return jax.ffi.ffi_call(TARGETS[name], jax.ShapeDtypeStruct(shape, a.dtype))(
       a, b, **{k: np.int64(v) for k, v in attrs.items()})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv(x, w, strides, padding, groups=1):
-  """Convolution of ``x`` ``[N, H, W, C]`` with ``w`` ``[kh, kw, C / groups, O]`` (float32),
+  """Convolution of ``x`` ``[N, H, W, C]`` with ``w`` ``[kh, kw, C / groups, O]`` (float32,
+  or bfloat16 where ``bf16()``; both the same),
   ``strides`` ``(sh, sw)``, ``padding`` ``((top, bottom), (left, right))`` ints, ``groups``
-  feature groups (``C`` for depthwise); returns ``[N, Ho, Wo, O]`` float32 with
+  feature groups (``C`` for depthwise); returns ``[N, Ho, Wo, O]`` in their dtype with
   ``Ho = (H + top + bottom - kh) // sh + 1`` (likewise ``Wo``), as
   ``lax.conv_general_dilated`` with NHWC/HWIO/NHWC and ``feature_group_count=groups``.
   Call ``available()`` first.

@@ -1,5 +1,6 @@
-// XLA FFI handlers running 2-D convolutions on oneDNN (CPU, float32), grouped ones
-// (depthwise included) too.
+// XLA FFI handlers running 2-D convolutions on oneDNN (CPU; float32, or bfloat16 where
+// SdlDnnlBf16 says this CPU has fast bfloat16 kernels), grouped ones (depthwise included)
+// too. All three operands of a call share one dtype.
 //
 // Built and loaded by sdl_jax/models/dnnl.py, against oneDNN 2.x or 3.x (their primitive
 // descriptors are built differently; DNNL_VERSION_MAJOR picks). Layouts are the models':
@@ -46,30 +47,28 @@ struct Prim {
   memory::desc a_want, b_want, out_want;  // what the primitive takes
   memory::desc a_user, b_user, out_user;  // NHWC / HWIO as XLA holds them
   memory::desc scratch;                   // the primitive's scratchpad
+  std::string impl;                       // oneDNN's name of the kernel (``ref`` is slow)
 };
 
-// (kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, groups)
+// (kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, groups, bf16)
 using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                        int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t>;
+                       int64_t, bool>;
 
-Prim& Get(const Key& key) {
-  static std::map<Key, Prim> cache;
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  auto [kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, g] = key;
+// Builds the primitive for ``key``; throws dnnl::error where oneDNN has none for it.
+Prim Make(const Key& key) {
+  auto [kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, g, bf16] = key;
+  const dt type = bf16 ? dt::bf16 : dt::f32;
   memory::dims src = {n, c, h, w}, dst = {n, o, ho, wo};
   // Grouped weights are (g, O / g, C / g, kh, kw) to oneDNN; HWIO's memory order is then
   // h, w, i, g, o: the tag hwigo.
   memory::dims wts = g == 1 ? memory::dims{o, c, kh, kw}
                             : memory::dims{g, o / g, c / g, kh, kw};
   memory::dims strides = {sh, sw}, pad_l = {pt, pl}, pad_r = {pb, pr};
-  auto src_u = memory::desc(src, dt::f32, tag::nhwc);
-  auto dst_u = memory::desc(dst, dt::f32, tag::nhwc);
-  auto wts_u = memory::desc(wts, dt::f32, g == 1 ? tag::hwio : tag::hwigo);
-  auto wts_any = memory::desc(wts, dt::f32, tag::any);
+  auto src_u = memory::desc(src, type, tag::nhwc);
+  auto dst_u = memory::desc(dst, type, tag::nhwc);
+  auto wts_u = memory::desc(wts, type, g == 1 ? tag::hwio : tag::hwigo);
+  auto wts_any = memory::desc(wts, type, tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto direct = dnnl::algorithm::convolution_direct;
@@ -87,6 +86,7 @@ Prim& Get(const Key& key) {
   if (kind == kFwd) {
     p.prim = dnnl::convolution_forward(fwd);
     p.scratch = fwd.scratchpad_desc();
+    p.impl = fwd.impl_info_str();
     p.a_want = fwd.src_desc(); p.b_want = fwd.weights_desc(); p.out_want = fwd.dst_desc();
     p.a_user = src_u; p.b_user = wts_u; p.out_user = dst_u;
   } else if (kind == kBwdData) {
@@ -101,6 +101,7 @@ Prim& Get(const Key& key) {
 #endif
     p.prim = dnnl::convolution_backward_data(pd);
     p.scratch = pd.scratchpad_desc();
+    p.impl = pd.impl_info_str();
     p.a_want = pd.diff_dst_desc(); p.b_want = pd.weights_desc(); p.out_want = pd.diff_src_desc();
     p.a_user = dst_u; p.b_user = wts_u; p.out_user = src_u;
   } else {
@@ -115,11 +116,23 @@ Prim& Get(const Key& key) {
 #endif
     p.prim = dnnl::convolution_backward_weights(pd);
     p.scratch = pd.scratchpad_desc();
+    p.impl = pd.impl_info_str();
     p.a_want = pd.src_desc(); p.b_want = pd.diff_dst_desc(); p.out_want = pd.diff_weights_desc();
     p.a_user = src_u; p.b_user = dst_u; p.out_user = wts_u;
   }
+  return p;
+}
+
+Prim& Get(const Key& key) {
+  static std::map<Key, Prim> cache;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  Prim p = Make(key);
   return cache.emplace(key, p).first->second;
 }
+
 
 // The calling thread's scratchpad, grown to the largest a primitive has asked of it; kept
 // between calls so large reduction buffers are not mapped afresh each step.
@@ -145,12 +158,17 @@ memory Input(const memory::desc& want, const memory::desc& user, void* data,
   return converted;
 }
 
-ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-               ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw, int64_t pt,
+ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
+               ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw, int64_t pt,
                int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
   auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
   if (ad.size() != 4 || bd.size() != 4 || od.size() != 4)
     return ffi::Error::InvalidArgument("sdl_jax dnnl convolution: operands must be 4-D");
+  const auto type = a.element_type();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16)
+      || b.element_type() != type || out->element_type() != type)
+    return ffi::Error::InvalidArgument(
+        "sdl_jax dnnl convolution: operands must all be float32 or all bfloat16");
   int64_t n, h, w, c, o, kh, kw, ho, wo;
   if (kind == kFwd) {  // x [n, h, w, c], w [kh, kw, c, o] -> y [n, ho, wo, o]
     n = ad[0]; h = ad[1]; w = ad[2]; c = ad[3]; kh = bd[0]; kw = bd[1]; o = bd[3];
@@ -165,7 +183,8 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   if (groups < 1 || c % groups || o % groups)
     return ffi::Error::InvalidArgument("sdl_jax dnnl convolution: groups must divide C and O");
   try {
-    Prim& p = Get(Key{kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, groups});
+    Prim& p = Get(Key{kind, n, h, w, c, o, kh, kw, ho, wo, sh, sw, pt, pb, pl, pr, groups,
+                      type == ffi::DataType::BF16});
     dnnl::stream stream(Engine());
     memory am = Input(p.a_want, p.a_user, a.untyped_data(), stream);
     memory bm = Input(p.b_want, p.b_user, b.untyped_data(), stream);
@@ -196,17 +215,17 @@ ffi::Error Run(Kind kind, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 }  // namespace
 
 #define SDL_DNNL_HANDLER(NAME, KIND)                                                       \
-  static ffi::Error NAME##Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,           \
-                               ffi::ResultBuffer<ffi::F32> out, int64_t sh, int64_t sw,    \
+  static ffi::Error NAME##Impl(ffi::AnyBuffer a, ffi::AnyBuffer b,                         \
+                               ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,    \
                                int64_t pt, int64_t pb, int64_t pl, int64_t pr,             \
                                int64_t groups) {                                           \
     return Run(KIND, a, b, out, sh, sw, pt, pb, pl, pr, groups);                           \
   }                                                                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, NAME##Impl,                                          \
                                 ffi::Ffi::Bind()                                           \
-                                    .Arg<ffi::Buffer<ffi::F32>>()                          \
-                                    .Arg<ffi::Buffer<ffi::F32>>()                          \
-                                    .Ret<ffi::Buffer<ffi::F32>>()                          \
+                                    .Arg<ffi::AnyBuffer>()                                 \
+                                    .Arg<ffi::AnyBuffer>()                                 \
+                                    .Ret<ffi::AnyBuffer>()                                 \
                                     .Attr<int64_t>("sh")                                   \
                                     .Attr<int64_t>("sw")                                   \
                                     .Attr<int64_t>("pt")                                   \
@@ -223,4 +242,25 @@ SDL_DNNL_HANDLER(SdlDnnlConvBwdWeights, kBwdWeights)
 extern "C" int SdlDnnlVersion() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
+}
+
+// 1 if oneDNN has non-reference bfloat16 kernels here for all three directions of a dense
+// 3x3, a dense 1x1 and a depthwise 3x3 convolution (as the models use), else 0. Where the
+// CPU lacks bfloat16 arithmetic oneDNN either has none or a reference one, far slower
+// than float32.
+extern "C" int SdlDnnlBf16() {
+  try {
+    for (int kind : {kFwd, kBwdData, kBwdWeights}) {
+      //          kind  n  h  w   c   o kh kw ho wo sh sw pt pb pl pr  g  bf16
+      for (const Key& key : {Key{kind, 2, 8, 8, 16, 16, 3, 3, 8, 8, 1, 1, 1, 1, 1, 1, 1, true},
+                             Key{kind, 2, 8, 8, 16, 32, 1, 1, 8, 8, 1, 1, 0, 0, 0, 0, 1, true},
+                             Key{kind, 2, 8, 8, 16, 16, 3, 3, 8, 8, 1, 1, 1, 1, 1, 1, 16,
+                                 true}}) {
+        if (Make(key).impl.find("ref") != std::string::npos) return 0;
+      }
+    }
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+  return 1;
 }
