@@ -374,6 +374,11 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
   return out
 
 
+# Who measured a peak: XLA's matmul, PyTorch's, the library's oneDNN convolution as a
+# matmul (CPU); the largest is the MFU's denominator.
+PEAK_SOURCES = ("jax", "torch", "onednn")
+
+
 def measure_peak(args, torch_device, log) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -386,14 +391,17 @@ def measure_peak(args, torch_device, log) -> dict:
     # support; the bfloat16 peak is JAX's alone.)
     import torch  # pylint: disable=g-import-not-at-top
     out["torch"] = perf.torch_matmul_peak(n, torch.float32)
-  out["peak"] = max(v for k, v in out.items() if k in ("jax", "torch"))
+  onednn = perf.onednn_matmul_peak(n, jax_dtype) if on_cpu else None
+  if onednn is not None:
+    out["onednn"] = onednn
+  out["peak"] = max(v for k, v in out.items() if k in PEAK_SOURCES)
   if on_cpu:  # One process runs on every core; on accelerators the peak is per device.
     out["devices"] = 1
   else:
     out["devices"] = jax.local_device_count()
     out["peak"] *= out["devices"]
   log(f"matmul peak ({n}x{n} {args.dtype}): " + ", ".join(
-      f"{k} {out[k] / 1e9:.1f} GFLOP/s" for k in ("jax", "torch") if k in out))
+      f"{k} {out[k] / 1e9:.1f} GFLOP/s" for k in PEAK_SOURCES if k in out))
   return out
 
 
@@ -440,7 +448,7 @@ def markdown(results: dict) -> str:
   peak = results.get("peak")
   if peak:
     lines += [f"Matmul peak ({peak['n']}x{peak['n']}, {peak['dtype']}): "
-              + ", ".join(f"{k} {peak[k] / 1e9:.1f} GFLOP/s" for k in ("jax", "torch")
+              + ", ".join(f"{k} {peak[k] / 1e9:.1f} GFLOP/s" for k in PEAK_SOURCES
                           if k in peak)
               + f"; MFU below is against {peak['peak'] / 1e9:.1f} GFLOP/s.", ""]
   train = results.get("train")

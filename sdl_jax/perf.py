@@ -200,6 +200,32 @@ def jax_matmul_peak(n: int = 2048, dtype: Any = None, repeats: int = 5, inner: i
   return 2.0 * n**3 * inner / best
 
 
+def onednn_matmul_peak(n: int = 2048, dtype: Any = None, repeats: int = 5,
+                       inner: int = 4) -> float | None:
+  """The same measurement with the matmul run by the library's oneDNN convolution (a 1x1
+  convolution of ``[1, n, 1, n]`` by ``[1, 1, n, n]`` is an ``[n, n] @ [n, n]`` product),
+  the kernels the train step's convolutions use on the CPU; None where oneDNN does not
+  take ``dtype`` here (``dnnl.takes``). On some CPUs it outruns XLA's own matmul, and
+  without it a model's FLOP utilisation could read above 100%."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
+  dtype = jnp.float32 if dtype is None else dtype
+  if jax.default_backend() != "cpu" or not dnnl.takes(1, dtype):
+    return None
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, n, n)) / np.sqrt(n), dtype)
+  nowhere = ((0, 0), (0, 0))
+
+  @jax.jit
+  def chain(w):
+    return jax.lax.fori_loop(
+        0, inner, lambda _, b: dnnl.conv(b, w, (1, 1), nowhere, 1), w.reshape(1, n, 1, n))
+
+  chain(w).block_until_ready()
+  best = min(time_call(lambda: chain(w), repeats, lambda r: r.block_until_ready()))
+  return 2.0 * n**3 * inner / best
+
+
 def torch_matmul_peak(n: int = 2048, dtype: Any = None, repeats: int = 5,
                       inner: int = 4) -> float:
   """The same measurement as ``jax_matmul_peak`` with ``torch.mm`` on the CPU."""

@@ -180,6 +180,17 @@ def test_timed_step_times_step_then_sync_and_their_memory():
   assert growth is not None and growth >= 24 * 2**20
 
 
+def test_onednn_matmul_peak_is_a_rate_where_onednn_takes_the_dtype():
+  from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
+  flops = perf.onednn_matmul_peak(n=64, repeats=2, inner=2)
+  if dnnl.takes(1):
+    assert flops is not None and np.isfinite(flops) and flops > 0
+  else:
+    assert flops is None
+  with dnnl.disabled():
+    assert perf.onednn_matmul_peak(n=64, repeats=1, inner=1) is None
+
+
 def test_jax_matmul_peak_is_a_rate():
   flops = perf.jax_matmul_peak(n=64, repeats=2, inner=2)
   assert np.isfinite(flops) and flops > 0
@@ -279,6 +290,8 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
   assert res["env"]["dnnl"] == (dnnl.mode() if dnnl.available() else "off")
   assert res["peak"]["peak"] > 0
+  assert res["peak"]["peak"] == max(res["peak"][k] for k in ("jax", "torch", "onednn")
+                                    if k in res["peak"])
 
   (train,) = res["train"]
   assert "error" not in train, train.get("error")
