@@ -92,8 +92,8 @@ def keep_freed_memory() -> bool:
   single heap can fragment: Lite0's peak RSS grew once or twice by a step's temporaries
   (3.3 -> 5.5 GiB at step 16 of 40, then steady; 5.5 -> 7.7 GiB at step 9 of 12 in another
   run; 3.4 GiB with glibc's defaults), that step taking ~6 s. Threads that allocated
-  before the call keep their own arenas, so it must run before JAX starts its CPU client: importing ``sdl_jax`` calls it
-  unless ``$SDL_JAX_MALLOC`` is ``default``.
+  before the call keep their own arenas, so it must run before JAX starts its CPU client:
+  importing ``sdl_jax`` calls it unless ``$SDL_JAX_MALLOC`` is ``default``.
 
   Returns:
     whether it was applied (False where the C library is not glibc).

@@ -266,10 +266,7 @@ def takes(groups: int, dtype=jnp.float32) -> bool:
   """Whether an NHWC convolution with ``groups`` feature groups and operands of ``dtype``
   goes to oneDNN: float32 ones as ``mode()`` says, bfloat16 ones likewise where ``bf16()``."""
   dtype = jnp.dtype(dtype)
-  if dtype == jnp.bfloat16:
-    if not bf16():
-      return False
-  elif dtype != jnp.float32:
+  if dtype != jnp.float32 and not (dtype == jnp.bfloat16 and bf16()):
     return False
   return available() and (groups > 1 or mode() in ("all", "xla_wgrad"))
 

@@ -129,10 +129,8 @@ Prim& Get(const Key& key) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  Prim p = Make(key);
-  return cache.emplace(key, p).first->second;
+  return cache.emplace(key, Make(key)).first->second;
 }
-
 
 // The calling thread's scratchpad, grown to the largest a primitive has asked of it; kept
 // between calls so large reduction buffers are not mapped afresh each step.
