@@ -18,16 +18,20 @@ where installed, else the system's (Debian/Ubuntu: ``apt-get install libdnnl-dev
 
 Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
 
-* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_wgrad`` with
-  oneDNN 3.x (the ``onednn-devel-cpu-gomp`` wheel the package installs) and ``grouped``
-  with oneDNN 2.x (Debian's ``libdnnl-dev``). Measured in the train step (README,
-  "Performance"): on an AVX-512 Xeon oneDNN 2.6 made every model faster (+8% ResNet-50 to
-  +64% EfficientNet-Lite0); on an AVX2-only EPYC oneDNN 2.6 made the dense convolutions
-  slower than XLA's and the depthwise ones faster, and oneDNN 3.2's forward pass and input
-  gradient (its brgemm kernels) were faster than XLA's but its weight gradient was not.
+* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_spatial_wgrad``
+  with oneDNN 3.x (the ``onednn-devel-cpu-gomp`` wheel the package installs) and
+  ``grouped`` with oneDNN 2.x (Debian's ``libdnnl-dev``). Measured in the train step
+  (README, "Performance"): on an AVX-512 Xeon oneDNN 2.6 made every model faster (+8%
+  ResNet-50 to +64% EfficientNet-Lite0); on an AVX2-only EPYC oneDNN 2.6 made the dense
+  convolutions slower than XLA's and the depthwise ones faster, and oneDNN 3.2's forward
+  pass and input gradient (its brgemm kernels) were faster than XLA's; its weight gradient
+  (a JIT kernel) was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and far
+  slower for VGG-16's large 3x3 ones (0.66x the step's speed).
 * ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
-* ``xla_wgrad``: every one, except that dense (ungrouped) convolutions' weight gradients
-  are XLA's (the same path as with oneDNN off).
+* ``xla_spatial_wgrad``: every one, except that dense (ungrouped) convolutions with a
+  kernel larger than 1x1 have XLA's weight gradient (the same path as with oneDNN off).
+* ``xla_wgrad``: every one, except that all dense convolutions' weight gradients are
+  XLA's (``auto`` on AVX2 before session 13).
 * ``grouped``: grouped and depthwise convolutions only.
 * ``off`` (also ``0``, ``false``, ``no``): none; XLA's kernels and the hand paths.
 
@@ -173,7 +177,7 @@ def _format(v: int | None) -> str:
   return "unavailable" if v is None else f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
-MODES = ("auto", "all", "xla_wgrad", "grouped", "off")
+MODES = ("auto", "all", "xla_spatial_wgrad", "xla_wgrad", "grouped", "off")
 _ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
             "0": "off", "false": "off", "no": "off"}
 _override: str | None = None
@@ -193,12 +197,12 @@ def _parse(value, where: str) -> str:
 def auto_mode(isa: list[str] | None = None, onednn: int | None = None) -> str:
   """What ``auto`` means on this CPU with the oneDNN here (or one with the ISA extensions
   ``isa`` and the oneDNN version ``onednn``, as ``version()`` gives it): ``all`` with
-  AVX-512, else ``xla_wgrad`` with oneDNN 3 or later, else ``grouped``."""
+  AVX-512, else ``xla_spatial_wgrad`` with oneDNN 3 or later, else ``grouped``."""
   if "avx512f" in (_cpu_isa() if isa is None else isa):
     return "all"
   if isa is None and onednn is None:
     onednn = version()
-  return "xla_wgrad" if (onednn or 0) >= 30000 else "grouped"
+  return "xla_spatial_wgrad" if (onednn or 0) >= 30000 else "grouped"
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,12 +272,14 @@ def takes(groups: int, dtype=jnp.float32) -> bool:
   dtype = jnp.dtype(dtype)
   if dtype != jnp.float32 and not (dtype == jnp.bfloat16 and bf16()):
     return False
-  return available() and (groups > 1 or mode() in ("all", "xla_wgrad"))
+  return available() and (groups > 1 or mode() != "grouped")
 
 
-def takes_weight_grad(groups: int) -> bool:
-  """Whether such a convolution's weight gradient does too (``takes`` given)."""
-  return groups > 1 or mode() == "all"
+def takes_weight_grad(groups: int, kernel: tuple[int, int] = (1, 1)) -> bool:
+  """Whether such a convolution (``takes`` given), with a ``kernel`` ``(kh, kw)``, has its
+  weight gradient on oneDNN too."""
+  m = mode()
+  return groups > 1 or m == "all" or (m == "xla_spatial_wgrad" and tuple(kernel) == (1, 1))
 
 
 def _call(name, shape, a, b, strides, padding, groups):
