@@ -446,3 +446,75 @@ def test_layers_split_times_each_direction_on_both_sides(capsys):
       want = torch_parts[part]().permute(*axes).numpy()
       np.testing.assert_allclose(np.asarray(jax_parts[part]()), want, rtol=1e-4, atol=1e-4,
                                  err_msg=f"{spec} {part}")
+
+
+PROFILE_HLO = """
+  %ffi_call.3 = f32[2,8,8,4]{3,2,1,0} custom-call(%p.1, %p.2), custom_call_target="SdlDnnlConvFwd", metadata={op_name="jit(_fun)/jvp(SmallCNN)/conv0_0/ffi_call" stack_frame_id=1}
+  %add_select_fusion.6 = f32[2,8,8,4]{3,2,1,0} fusion(%a, %b), kind=kLoop, calls=%fc.6, metadata={op_name="jit(_fun)/transpose(jvp(ResNet50))/layer1_2/bn3/jit(_where)/select_n"}
+  ROOT %copy.1 = f32[4]{0} copy(%c)
+"""
+
+
+def test_profile_reads_ops_and_layers_from_the_hlo():
+  from benchmarks import profile
+  ops = profile.hlo_ops(PROFILE_HLO)
+  assert ops == {
+      "ffi_call.3": {"kind": "oneDNN conv forward", "layer": "conv0_0", "direction": "forward"},
+      "add_select_fusion.6": {"kind": "add_select_fusion", "layer": "layer1_2/bn3",
+                              "direction": "backward"},
+      "copy.1": {"kind": "copy", "layer": "", "direction": ""}}
+
+
+def test_profile_interval_stats_against_a_dense_count():
+  from benchmarks import profile
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    starts = rng.integers(0, 90, 6)
+    intervals = [(int(s), int(s + rng.integers(1, 20))) for s in starts]
+    depth = np.zeros(120, int)  # unit cells [t, t + 1)
+    for s, e in intervals:
+      depth[s:e] += 1
+    assert profile._intervals_stats(intervals) == ((depth >= 1).sum(), (depth >= 2).sum())
+
+
+def test_profile_summarises_a_trace_per_step():
+  from benchmarks import profile
+  ops = profile.hlo_ops(PROFILE_HLO)
+  events = [  # two steps; microseconds; one event not of the program, one not complete
+      {"ph": "X", "name": "ffi_call.3", "ts": 0, "dur": 3000},
+      {"ph": "X", "name": "add_select_fusion.6", "ts": 1000, "dur": 4000},
+      {"ph": "X", "name": "ffi_call.3", "ts": 10000, "dur": 2000},
+      {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 20000},
+      {"ph": "i", "name": "copy.1", "ts": 0}]
+  s = profile.summarise_trace(events, ops, steps=2)
+  assert s["ops_ms"] == pytest.approx(4.5)
+  assert s["busy_ms"] == pytest.approx(3.5) and s["concurrent_ms"] == pytest.approx(1.0)
+  assert s["by_kind"] == [{"kind": "oneDNN conv forward", "ms": 2.5, "count": 1.0},
+                          {"kind": "add_select_fusion", "ms": 2.0, "count": 0.5}]
+  assert [(r["layer"], r["ms"]) for r in s["by_layer"]] == [("conv0_0 forward", 2.5),
+                                                            ("layer1_2/bn3 backward", 2.0)]
+  assert [(r["name"], r["kind"], r["direction"]) for r in s["ops"]] == [
+      ("ffi_call.3", "oneDNN conv forward", "forward"),
+      ("add_select_fusion.6", "add_select_fusion", "backward")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_profile_smoke_run_reports_the_step_op_by_op(tmp_path, framework):
+  from benchmarks import profile
+  out = tmp_path / "prof.json"
+  report = profile.main([f"--framework={framework}", "--model=small_cnn", "--batch=2",
+                         "--image_size=16", '--model_kwargs={"widths": [4, 8]}',
+                         "--steps=2", "--top=5", f"--out={out}"])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  r = report["result"]
+  assert len(r["step_s"]) == 2 and r["wall_ms"] > 0 and r["ops_ms"] > 0
+  names = [o["name"] for o in r["ops"]]
+  if framework == "torch":
+    assert any("convolution" in n for n in names)
+    return
+  kinds = {k["kind"] for k in r["by_kind"]}
+  assert kinds & {"oneDNN conv forward", "convolution"}, kinds
+  assert sum(k["ms"] for k in r["by_kind"]) == pytest.approx(r["ops_ms"])
+  assert 0 < r["busy_ms"] <= r["ops_ms"] + 1e-6 and r["concurrent_ms"] <= r["busy_ms"]
+  assert any(l["layer"].startswith("conv0_0") for l in r["by_layer"])
