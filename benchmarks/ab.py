@@ -14,8 +14,9 @@ overriding ``$XLA_FLAGS``), or several joined by ``+`` (``no_strided+norm=flax``
 
     python -m benchmarks.ab --model=resnet50 --repeats=5 \
         --variants=library,xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT
-Prints each repeat's step seconds, then per variant the median images/s and how many
-repeats it was the fastest in; returns ``{variant: [step seconds]}``.
+Prints each repeat's seconds per step (``--steps`` steps of each variant per repeat, the
+device synchronised after them), then per variant the median images/s and how many
+repeats it was the fastest in; returns ``{variant: [seconds per step]}``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def main(argv=None) -> dict:
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--model_kwargs", default="{}", help="JSON keyword arguments of the model")
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--steps", type=int, default=1,
+                 help="steps of each variant per repeat (more for a model whose step is "
+                      "short, so that a repeat outlasts the machine's jitter)")
   p.add_argument("--variants", default="library,dw_strided_autodiff",
                  help="comma-separated variants: a --conv name, norm=..., pool=..., an XLA "
                       "option xla_...=value, or several joined by '+' "
@@ -70,9 +74,10 @@ def main(argv=None) -> dict:
     # the same one.
     for v, t in (list(trainers.items()) if r % 2 == 0 else list(trainers.items())[::-1]):
       t0 = time.perf_counter()
-      t.step()
+      for _ in range(args.steps):
+        t.step()
       t.sync()
-      times[v].append(time.perf_counter() - t0)
+      times[v].append((time.perf_counter() - t0) / args.steps)
     print(f"repeat {r}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in variants),
           flush=True)
   fastest = np.argmin(np.asarray([times[v] for v in variants]), axis=0)

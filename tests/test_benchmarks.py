@@ -398,7 +398,7 @@ def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
 def test_ab_times_every_variant_each_repeat():
   from benchmarks import ab
   times = ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--repeats=2",
-                   '--model_kwargs={"widths": [4, 8]}',
+                   "--steps=2", '--model_kwargs={"widths": [4, 8]}',
                    "--variants=library,lax+norm=flax+xla_cpu_scheduler_type="
                    "CPU_SCHEDULER_TYPE_DEFAULT"])
   assert set(times) == {"library",

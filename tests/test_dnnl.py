@@ -260,19 +260,20 @@ def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
 def test_modes_from_the_environment_and_use(monkeypatch):
   assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 20603) == "all"
   assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 30200) == "all"
-  assert dnnl.auto_mode(["avx2", "fma"], 30200) == "xla_spatial_wgrad"
+  assert dnnl.auto_mode(["avx2", "fma"], 30200) == "xla_narrow_wgrad"
   assert dnnl.auto_mode(["avx2", "fma"], 20603) == dnnl.auto_mode([]) == "grouped"
   for value, want in [("", dnnl.auto_mode()), ("auto", dnnl.auto_mode()), ("1", "all"),
                       ("ALL", "all"), ("on", "all"), ("grouped", "grouped"), ("0", "off"),
                       ("xla_wgrad", "xla_wgrad"), ("xla_spatial_wgrad", "xla_spatial_wgrad"),
+                      ("xla_narrow_wgrad", "xla_narrow_wgrad"),
                       (" false ", "off")]:
     monkeypatch.setenv("SDL_JAX_DNNL", value)
     monkeypatch.setattr(dnnl, "_override", None)  # not this module's fixture's choice
     assert dnnl.mode() == want, value
     assert dnnl.requested() == (want != "off")
   monkeypatch.setenv("SDL_JAX_DNNL", "maybe")
-  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, xla_spatial_wgrad, "
-                                       "xla_wgrad, grouped, off"):
+  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, xla_narrow_wgrad, "
+                                       "xla_spatial_wgrad, xla_wgrad, grouped, off"):
     dnnl.mode()
   with pytest.raises(ValueError, match="dnnl.use='dense'"):
     with dnnl.use("dense"):
@@ -304,14 +305,17 @@ def test_grouped_mode_sends_only_grouped_convolutions_to_dnnl():
     (1, (2, 2), ((0, 0), (0, 0))),   # pointwise's, strided
     (3, (2, 2), ((0, 1), (0, 1))),   # strided's (space-to-depth)
 ])
-@pytest.mark.parametrize("mode", ["xla_wgrad", "xla_spatial_wgrad"])
-def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode):
+@pytest.mark.parametrize("mode,cout", [("xla_wgrad", 6), ("xla_spatial_wgrad", 6),
+                                       ("xla_narrow_wgrad", 6), ("xla_narrow_wgrad", 4),
+                                       ("xla_narrow_wgrad", 3)])
+def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode, cout):
   """``xla_wgrad``: dense convolutions forward and input gradient on oneDNN, their weight
   gradient on XLA's path; ``xla_spatial_wgrad`` the same but 1x1 ones' weight gradient on
-  oneDNN; grouped ones wholly on oneDNN in both."""
+  oneDNN; ``xla_narrow_wgrad`` also widening ones' (4 -> 6 channels here); grouped ones
+  wholly on oneDNN in all."""
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=(2, 9, 10, 4)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(k, k, 4, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 4, cout)), jnp.float32)
   loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
   ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
   mine = lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN)
@@ -323,7 +327,9 @@ def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode
         x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2))(
             x, jnp.ones((3, 3, 2, 4))))
   assert "SdlDnnlConvFwd" in jaxpr and "SdlDnnlConvBwdData" in jaxpr
-  assert ("SdlDnnlConvBwdWeights" in jaxpr) == (mode == "xla_spatial_wgrad" and k == 1)
+  on_dnnl = {"xla_wgrad": False, "xla_spatial_wgrad": k == 1,
+             "xla_narrow_wgrad": k == 1 or cout > 4}[mode]
+  assert ("SdlDnnlConvBwdWeights" in jaxpr) == on_dnnl
   assert "SdlDnnlConvFwd" in dw_traced  # grouped: oneDNN
   np.testing.assert_allclose(value, ref(x, w), rtol=1e-5, atol=1e-5)
   for g, r in zip(got, jax.grad(loss(ref), argnums=(0, 1))(x, w)):

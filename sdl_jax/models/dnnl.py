@@ -18,18 +18,22 @@ where installed, else the system's (Debian/Ubuntu: ``apt-get install libdnnl-dev
 
 Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
 
-* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_spatial_wgrad``
+* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_narrow_wgrad``
   with oneDNN 3.x (the ``onednn-devel-cpu-gomp`` wheel the package installs) and
   ``grouped`` with oneDNN 2.x (Debian's ``libdnnl-dev``). Measured in the train step
   (README, "Performance"): on an AVX-512 Xeon oneDNN 2.6 made every model faster (+8%
   ResNet-50 to +64% EfficientNet-Lite0); on an AVX2-only EPYC oneDNN 2.6 made the dense
   convolutions slower than XLA's and the depthwise ones faster, and oneDNN 3.2's forward
   pass and input gradient (its brgemm kernels) were faster than XLA's; its weight gradient
-  (a JIT kernel) was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and far
-  slower for VGG-16's large 3x3 ones (0.66x the step's speed).
+  (a JIT kernel) was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and for
+  3x3 ones that widen (fewer input than output channels: the small CNN +2-3%), and
+  slower for the other 3x3 ones (VGG-16 with all of them there: 0.66x the step's speed).
 * ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
-* ``xla_spatial_wgrad``: every one, except that dense (ungrouped) convolutions with a
-  kernel larger than 1x1 have XLA's weight gradient (the same path as with oneDNN off).
+* ``xla_narrow_wgrad``: every one, except that dense (ungrouped) convolutions with a
+  kernel larger than 1x1 that do not widen (at least as many input as output channels,
+  ``C >= O``) have XLA's weight gradient (the same path as with oneDNN off).
+* ``xla_spatial_wgrad``: the same for every dense convolution with a kernel larger than
+  1x1, widening or not (``auto`` on AVX2 in session 13).
 * ``xla_wgrad``: every one, except that all dense convolutions' weight gradients are
   XLA's (``auto`` on AVX2 before session 13).
 * ``grouped``: grouped and depthwise convolutions only.
@@ -177,7 +181,8 @@ def _format(v: int | None) -> str:
   return "unavailable" if v is None else f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
-MODES = ("auto", "all", "xla_spatial_wgrad", "xla_wgrad", "grouped", "off")
+MODES = ("auto", "all", "xla_narrow_wgrad", "xla_spatial_wgrad", "xla_wgrad", "grouped",
+         "off")
 _ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
             "0": "off", "false": "off", "no": "off"}
 _override: str | None = None
@@ -197,12 +202,12 @@ def _parse(value, where: str) -> str:
 def auto_mode(isa: list[str] | None = None, onednn: int | None = None) -> str:
   """What ``auto`` means on this CPU with the oneDNN here (or one with the ISA extensions
   ``isa`` and the oneDNN version ``onednn``, as ``version()`` gives it): ``all`` with
-  AVX-512, else ``xla_spatial_wgrad`` with oneDNN 3 or later, else ``grouped``."""
+  AVX-512, else ``xla_narrow_wgrad`` with oneDNN 3 or later, else ``grouped``."""
   if "avx512f" in (_cpu_isa() if isa is None else isa):
     return "all"
   if isa is None and onednn is None:
     onednn = version()
-  return "xla_spatial_wgrad" if (onednn or 0) >= 30000 else "grouped"
+  return "xla_narrow_wgrad" if (onednn or 0) >= 30000 else "grouped"
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,9 +239,8 @@ def _asked() -> str:
 
 
 def mode() -> str:
-  """Which convolutions are asked to go to oneDNN: ``all``, ``xla_wgrad``, ``grouped`` or
-  ``off`` (``use``'s choice, else ``$SDL_JAX_DNNL``; ``auto`` resolved for this CPU and
-  oneDNN)."""
+  """Which convolutions are asked to go to oneDNN: one of ``MODES`` but ``auto`` (``use``'s
+  choice, else ``$SDL_JAX_DNNL``; ``auto`` resolved for this CPU and oneDNN)."""
   asked = _asked()
   return auto_mode() if asked == "auto" else asked
 
@@ -275,11 +279,14 @@ def takes(groups: int, dtype=jnp.float32) -> bool:
   return available() and (groups > 1 or mode() != "grouped")
 
 
-def takes_weight_grad(groups: int, kernel: tuple[int, int] = (1, 1)) -> bool:
-  """Whether such a convolution (``takes`` given), with a ``kernel`` ``(kh, kw)``, has its
-  weight gradient on oneDNN too."""
+def takes_weight_grad(groups: int, w_shape) -> bool:
+  """Whether such a convolution (``takes`` given), with weights of shape ``w_shape``
+  ``(kh, kw, C / groups, O)``, has its weight gradient on oneDNN too."""
   m = mode()
-  return groups > 1 or m == "all" or (m == "xla_spatial_wgrad" and tuple(kernel) == (1, 1))
+  kh, kw, c, o = (int(d) for d in w_shape)
+  pointwise = (kh, kw) == (1, 1)
+  return (groups > 1 or m == "all" or (m == "xla_spatial_wgrad" and pointwise)
+          or (m == "xla_narrow_wgrad" and (pointwise or c < o)))
 
 
 def _call(name, shape, a, b, strides, padding, groups):
