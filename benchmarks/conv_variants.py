@@ -15,8 +15,8 @@ model module for one run, so whole-model effects are measured by the same tool. 
   weight gradients (``SDL_JAX_DNNL=xla_wgrad``);
 * ``dnnl_xla_spatial_wgrad``: the same, but with 1x1 ones' weight gradients on oneDNN too
   (``SDL_JAX_DNNL=xla_spatial_wgrad``);
-* ``dnnl_xla_narrow_wgrad``: the same, but with widening ones' (fewer input than output
-  channels) weight gradients on oneDNN too (``SDL_JAX_DNNL=xla_narrow_wgrad``);
+* ``dnnl_xla_large_wgrad``: the same, but with small ones' weight gradients on oneDNN too
+  (fewer than ``dnnl.LARGE_WGRAD_MACS`` multiply-adds; ``SDL_JAX_DNNL=xla_large_wgrad``);
 * ``dnnl_spatial``, ``dnnl_spatial_xla_wgrad``: as ``dnnl`` and ``dnnl_xla_wgrad`` for
   grouped convolutions and dense ones larger than 1x1, dense 1x1 ones as matmuls (the
   library's ``pointwise``);
@@ -257,7 +257,7 @@ VARIANTS = {
     "dnnl_grouped": with_dnnl("grouped"),
     "dnnl_xla_wgrad": with_dnnl("xla_wgrad"),
     "dnnl_xla_spatial_wgrad": with_dnnl("xla_spatial_wgrad"),
-    "dnnl_xla_narrow_wgrad": with_dnnl("xla_narrow_wgrad"),
+    "dnnl_xla_large_wgrad": with_dnnl("xla_large_wgrad"),
     "dnnl_spatial": dnnl_spatial("all"),
     "dnnl_spatial_xla_wgrad": dnnl_spatial("xla_wgrad"),
     # Earlier states of the library, before its dense convolutions went to oneDNN.

@@ -260,19 +260,19 @@ def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
 def test_modes_from_the_environment_and_use(monkeypatch):
   assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 20603) == "all"
   assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 30200) == "all"
-  assert dnnl.auto_mode(["avx2", "fma"], 30200) == "xla_narrow_wgrad"
+  assert dnnl.auto_mode(["avx2", "fma"], 30200) == "xla_large_wgrad"
   assert dnnl.auto_mode(["avx2", "fma"], 20603) == dnnl.auto_mode([]) == "grouped"
   for value, want in [("", dnnl.auto_mode()), ("auto", dnnl.auto_mode()), ("1", "all"),
                       ("ALL", "all"), ("on", "all"), ("grouped", "grouped"), ("0", "off"),
                       ("xla_wgrad", "xla_wgrad"), ("xla_spatial_wgrad", "xla_spatial_wgrad"),
-                      ("xla_narrow_wgrad", "xla_narrow_wgrad"),
+                      ("xla_large_wgrad", "xla_large_wgrad"),
                       (" false ", "off")]:
     monkeypatch.setenv("SDL_JAX_DNNL", value)
     monkeypatch.setattr(dnnl, "_override", None)  # not this module's fixture's choice
     assert dnnl.mode() == want, value
     assert dnnl.requested() == (want != "off")
   monkeypatch.setenv("SDL_JAX_DNNL", "maybe")
-  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, xla_narrow_wgrad, "
+  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, xla_large_wgrad, "
                                        "xla_spatial_wgrad, xla_wgrad, grouped, off"):
     dnnl.mode()
   with pytest.raises(ValueError, match="dnnl.use='dense'"):
@@ -305,17 +305,19 @@ def test_grouped_mode_sends_only_grouped_convolutions_to_dnnl():
     (1, (2, 2), ((0, 0), (0, 0))),   # pointwise's, strided
     (3, (2, 2), ((0, 1), (0, 1))),   # strided's (space-to-depth)
 ])
-@pytest.mark.parametrize("mode,cout", [("xla_wgrad", 6), ("xla_spatial_wgrad", 6),
-                                       ("xla_narrow_wgrad", 6), ("xla_narrow_wgrad", 4),
-                                       ("xla_narrow_wgrad", 3)])
-def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode, cout):
+@pytest.mark.parametrize("mode,limit", [("xla_wgrad", 1e9), ("xla_spatial_wgrad", 1e9),
+                                        ("xla_large_wgrad", 1e9), ("xla_large_wgrad", 1)])
+def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode, limit,
+                                                       monkeypatch):
   """``xla_wgrad``: dense convolutions forward and input gradient on oneDNN, their weight
   gradient on XLA's path; ``xla_spatial_wgrad`` the same but 1x1 ones' weight gradient on
-  oneDNN; ``xla_narrow_wgrad`` also widening ones' (4 -> 6 channels here); grouped ones
-  wholly on oneDNN in all."""
+  oneDNN; ``xla_large_wgrad`` also those with fewer than ``LARGE_WGRAD_MACS``
+  multiply-adds (all of these with the default; none with 1); grouped ones wholly on
+  oneDNN in all."""
+  monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", limit)
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=(2, 9, 10, 4)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(k, k, 4, cout)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 4, 6)), jnp.float32)
   loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
   ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
   mine = lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN)
@@ -328,12 +330,35 @@ def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode
             x, jnp.ones((3, 3, 2, 4))))
   assert "SdlDnnlConvFwd" in jaxpr and "SdlDnnlConvBwdData" in jaxpr
   on_dnnl = {"xla_wgrad": False, "xla_spatial_wgrad": k == 1,
-             "xla_narrow_wgrad": k == 1 or cout > 4}[mode]
+             "xla_large_wgrad": k == 1 or limit > 1}[mode]
   assert ("SdlDnnlConvBwdWeights" in jaxpr) == on_dnnl
   assert "SdlDnnlConvFwd" in dw_traced  # grouped: oneDNN
   np.testing.assert_allclose(value, ref(x, w), rtol=1e-5, atol=1e-5)
   for g, r in zip(got, jax.grad(loss(ref), argnums=(0, 1))(x, w)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_grad_routing_by_mode_kernel_and_multiply_adds(monkeypatch):
+  x_shape, strides, padding = (2, 9, 10, 4), (2, 1), ((1, 0), (1, 1))
+  w3, w1 = (3, 3, 4, 6), (1, 1, 4, 6)
+  ho, wo = (9 + 1 + 0 - 3) // 2 + 1, (10 + 2 - 3) // 1 + 1
+  assert dnnl.out_shape(x_shape, w3, strides, padding) == (2, ho, wo, 6) == jax.eval_shape(
+      lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN),
+      jnp.zeros(x_shape), jnp.zeros(w3)).shape
+  macs = 2 * ho * wo * 3 * 3 * 4 * 6
+  takes = lambda groups, w: dnnl.takes_weight_grad(groups, x_shape, w, strides, padding)
+  with dnnl.use("xla_large_wgrad"):
+    monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", macs + 1)
+    assert takes(1, w3) and takes(1, w1) and takes(2, (3, 3, 2, 6))
+    monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", macs)
+    assert not takes(1, w3) and takes(1, w1) and takes(2, (3, 3, 2, 6))
+    monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1)
+    assert takes(1, w1)  # 1x1: oneDNN's whatever the size
+  monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1e9)
+  for mode, want3, want1 in [("all", True, True), ("xla_spatial_wgrad", False, True),
+                             ("xla_wgrad", False, False), ("grouped", False, False)]:
+    with dnnl.use(mode):
+      assert (takes(1, w3), takes(1, w1), takes(2, (3, 3, 2, 6))) == (want3, want1, True)
 
 
 @needs_dnnl

@@ -2,14 +2,14 @@
 bfloat16 ones where the CPU has bfloat16 arithmetic, ``dnnl.bf16``) on
 oneDNN (``sdl_jax.models.dnnl``, where it is installed and ``$SDL_JAX_DNNL`` sends them:
 by default all on an AVX-512 CPU; elsewhere all but the weight gradients of dense ones
-larger than 1x1 that do not widen with oneDNN 3, the grouped ones with oneDNN 2) and
-otherwise depthwise
+larger than 1x1 with 1e9 multiply-adds or more with oneDNN 3, the grouped ones with
+oneDNN 2) and otherwise depthwise
 convolutions as shifted taps, 1x1 convolutions as matmuls with a transpose-free weight
 gradient (``pointwise``), and gives dense strided convolutions a space-to-depth weight
 gradient (``strided``). oneDNN's kernels measured level with PyTorch's (which are oneDNN's)
 in every direction on an AVX-512 CPU where XLA's own ran 0.07-0.9x as fast (README,
 "Performance"); on an AVX2-only CPU oneDNN 3.2's dense forward and input-gradient
-kernels, its depthwise ones and its weight gradient of 1x1 and widening convolutions won
+kernels, its depthwise ones and its weight gradient of 1x1 and small convolutions won
 against XLA's in the train step, its other dense weight gradients lost (oneDNN 2.6's dense
 kernels lost in every direction). The paths below are what the rest takes.
 
@@ -388,7 +388,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     strides = tuple(int(s) for s in window_strides)
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
     groups = int(feature_group_count)
-    if dnnl.takes_weight_grad(groups, rhs.shape):
+    if dnnl.takes_weight_grad(groups, lhs.shape, rhs.shape, strides, padding):
       return dnnl.conv(lhs, rhs, strides, padding, groups)
     return dnnl_xla_weight_grad(lhs, rhs, strides, padding)
   return _xla_paths(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -431,11 +431,11 @@ def dnnl_xla_weight_grad(x, w, strides, padding):
   forward pass and input gradient are oneDNN's and whose weight gradient is XLA's: the
   weight gradient of ``_xla_paths`` (``pointwise``'s for 1x1, ``strided``'s for strided
   ones, XLA's own for the rest). ``SDL_JAX_DNNL=xla_wgrad`` for every dense convolution,
-  ``xla_spatial_wgrad`` for those with a kernel larger than 1x1, ``xla_narrow_wgrad``
-  (``auto`` on an AVX2 CPU with oneDNN 3) for those of them that do not widen (``C >=
-  O``): there oneDNN 3.2's brgemm kernels beat XLA's forward and backward-data
-  convolutions in the train step, while its weight gradient (a JIT kernel) won for 1x1
-  and widening kernels only."""
+  ``xla_spatial_wgrad`` for those with a kernel larger than 1x1, ``xla_large_wgrad``
+  (``auto`` on an AVX2 CPU with oneDNN 3) for those of them with a large weight gradient
+  (``dnnl.LARGE_WGRAD_MACS``): there oneDNN 3.2's brgemm kernels beat XLA's forward and
+  backward-data convolutions in the train step, while its weight gradient (a JIT kernel)
+  won for 1x1 and small kernels only."""
   return dnnl.conv(x, w, strides, padding, 1)
 
 

@@ -18,7 +18,7 @@ where installed, else the system's (Debian/Ubuntu: ``apt-get install libdnnl-dev
 
 Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
 
-* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_narrow_wgrad``
+* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_large_wgrad``
   with oneDNN 3.x (the ``onednn-devel-cpu-gomp`` wheel the package installs) and
   ``grouped`` with oneDNN 2.x (Debian's ``libdnnl-dev``). Measured in the train step
   (README, "Performance"): on an AVX-512 Xeon oneDNN 2.6 made every model faster (+8%
@@ -26,14 +26,16 @@ Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
   convolutions slower than XLA's and the depthwise ones faster, and oneDNN 3.2's forward
   pass and input gradient (its brgemm kernels) were faster than XLA's; its weight gradient
   (a JIT kernel) was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and for
-  3x3 ones that widen (fewer input than output channels: the small CNN +2-3%), and
-  slower for the other 3x3 ones (VGG-16 with all of them there: 0.66x the step's speed).
+  small larger ones (the small CNN's three with 0.1-0.6 G multiply-adds: its step +2.4%;
+  Lite0's stem +2.6%), slower for large ones (1.2 G and up: the small CNN's other three,
+  ResNet-50's, VGG-16's; VGG-16 with all of them there ran at 0.66x the step's speed).
 * ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
-* ``xla_narrow_wgrad``: every one, except that dense (ungrouped) convolutions with a
-  kernel larger than 1x1 that do not widen (at least as many input as output channels,
-  ``C >= O``) have XLA's weight gradient (the same path as with oneDNN off).
+* ``xla_large_wgrad``: every one, except that dense (ungrouped) convolutions with a
+  kernel larger than 1x1 and a weight gradient of at least ``LARGE_WGRAD_MACS``
+  multiply-adds (``N Ho Wo kh kw C O``, per device) have XLA's weight gradient (the same
+  path as with oneDNN off).
 * ``xla_spatial_wgrad``: the same for every dense convolution with a kernel larger than
-  1x1, widening or not (``auto`` on AVX2 in session 13).
+  1x1, whatever its size (``auto`` on AVX2 in session 13).
 * ``xla_wgrad``: every one, except that all dense convolutions' weight gradients are
   XLA's (``auto`` on AVX2 before session 13).
 * ``grouped``: grouped and depthwise convolutions only.
@@ -181,8 +183,12 @@ def _format(v: int | None) -> str:
   return "unavailable" if v is None else f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
-MODES = ("auto", "all", "xla_narrow_wgrad", "xla_spatial_wgrad", "xla_wgrad", "grouped",
+MODES = ("auto", "all", "xla_large_wgrad", "xla_spatial_wgrad", "xla_wgrad", "grouped",
          "off")
+# Between the largest weight gradient oneDNN 3.2 ran faster than XLA on an AVX2 EPYC (6.0e8
+# multiply-adds, the small CNN's 32 -> 64 and 64 -> 128 3x3 ones at batch 32) and the
+# smallest XLA ran faster (1.2e9, its 32 -> 32 ones); README, "Performance", session 14.
+LARGE_WGRAD_MACS = 1e9
 _ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
             "0": "off", "false": "off", "no": "off"}
 _override: str | None = None
@@ -202,12 +208,12 @@ def _parse(value, where: str) -> str:
 def auto_mode(isa: list[str] | None = None, onednn: int | None = None) -> str:
   """What ``auto`` means on this CPU with the oneDNN here (or one with the ISA extensions
   ``isa`` and the oneDNN version ``onednn``, as ``version()`` gives it): ``all`` with
-  AVX-512, else ``xla_narrow_wgrad`` with oneDNN 3 or later, else ``grouped``."""
+  AVX-512, else ``xla_large_wgrad`` with oneDNN 3 or later, else ``grouped``."""
   if "avx512f" in (_cpu_isa() if isa is None else isa):
     return "all"
   if isa is None and onednn is None:
     onednn = version()
-  return "xla_narrow_wgrad" if (onednn or 0) >= 30000 else "grouped"
+  return "xla_large_wgrad" if (onednn or 0) >= 30000 else "grouped"
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,14 +285,29 @@ def takes(groups: int, dtype=jnp.float32) -> bool:
   return available() and (groups > 1 or mode() != "grouped")
 
 
-def takes_weight_grad(groups: int, w_shape) -> bool:
-  """Whether such a convolution (``takes`` given), with weights of shape ``w_shape``
-  ``(kh, kw, C / groups, O)``, has its weight gradient on oneDNN too."""
+def takes_weight_grad(groups: int, x_shape, w_shape, strides, padding) -> bool:
+  """Whether such a convolution (``takes`` given: ``conv``'s arguments, of ``x`` ``[N, H,
+  W, C]`` and ``w`` ``[kh, kw, C / groups, O]``) has its weight gradient on oneDNN too."""
   m = mode()
-  kh, kw, c, o = (int(d) for d in w_shape)
-  pointwise = (kh, kw) == (1, 1)
-  return (groups > 1 or m == "all" or (m == "xla_spatial_wgrad" and pointwise)
-          or (m == "xla_narrow_wgrad" and (pointwise or c < o)))
+  kh, kw = int(w_shape[0]), int(w_shape[1])
+  if groups > 1 or m == "all":
+    return True
+  if m not in ("xla_large_wgrad", "xla_spatial_wgrad"):
+    return False
+  if (kh, kw) == (1, 1):
+    return True
+  n, ho, wo, _ = out_shape(x_shape, w_shape, strides, padding)
+  macs = n * ho * wo * kh * kw * int(w_shape[2]) * int(w_shape[3])
+  return m == "xla_large_wgrad" and macs < LARGE_WGRAD_MACS
+
+
+def out_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
+  """``conv``'s output shape ``(N, Ho, Wo, O)``: ``Ho = (H + top + bottom - kh) // sh + 1``,
+  likewise ``Wo``."""
+  n, h, wd = (int(d) for d in x_shape[:3])
+  kh, kw, o = int(w_shape[0]), int(w_shape[1]), int(w_shape[3])
+  (pt, pb), (pl, pr) = padding
+  return (n, (h + pt + pb - kh) // strides[0] + 1, (wd + pl + pr - kw) // strides[1] + 1, o)
 
 
 def _call(name, shape, a, b, strides, padding, groups):
@@ -310,12 +331,8 @@ def conv(x, w, strides, padding, groups=1):
   (``y = F(x, w)``, ``dx = D(dy, w)``, ``dw = W(x, dy)``, all bilinear), so each one's VJP
   is written with the other two. No forward mode (``jax.jvp``).
   """
-  n, h, wd, _ = x.shape
-  kh, kw, _, o = w.shape
-  (pt, pb), (pl, pr) = padding
-  ho = (h + pt + pb - kh) // strides[0] + 1
-  wo = (wd + pl + pr - kw) // strides[1] + 1
-  return _call("fwd", (n, ho, wo, o), x, w, strides, padding, groups)
+  return _call("fwd", out_shape(x.shape, w.shape, strides, padding), x, w, strides, padding,
+               groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
