@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -37,15 +38,14 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+from sdl_jax import perf  # first: it sets the XLA:CPU flags before JAX starts
+from sdl_jax.models import dnnl
 
-ONEDNN_TARGETS = {"SdlDnnlConvFwd": "oneDNN conv forward",
-                  "SdlDnnlConvBwdData": "oneDNN conv input grad",
-                  "SdlDnnlConvBwdWeights": "oneDNN conv weight grad"}
+ONEDNN_TARGETS = {dnnl.TARGETS[d]: f"oneDNN conv {label}" for d, label in (
+    ("fwd", "forward"), ("bwd_data", "input grad"), ("bwd_weights", "weight grad"))}
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(")
 
 
@@ -139,14 +139,9 @@ def profile_jax(name, images, labels, dists, steps: int, trace_dir: str,
   for _ in range(2):
     trainer.step()
     trainer.sync()
-  step_s = []
   jax.profiler.start_trace(trace_dir)
   try:
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      trainer.step()
-      trainer.sync()
-      step_s.append(time.perf_counter() - t0)
+    step_s = [perf.timed_step(trainer.step, trainer.sync)[0] for _ in range(steps)]
   finally:
     jax.profiler.stop_trace()
   found = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz"))
@@ -169,13 +164,8 @@ def profile_torch(name, images, labels, dists, steps: int, model_kwargs=None) ->
                                      model_kwargs=model_kwargs)
   for _ in range(2):
     trainer.step()
-  step_s = []
   with profile(activities=[ProfilerActivity.CPU]) as prof:
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      trainer.step()
-      trainer.sync()
-      step_s.append(time.perf_counter() - t0)
+    step_s = [perf.timed_step(trainer.step, trainer.sync)[0] for _ in range(steps)]
   ops = [{"name": ev.key, "ms": ev.self_cpu_time_total / 1e3 / steps,
           "count": ev.count / steps} for ev in prof.key_averages()]
   ops.sort(key=lambda r: -r["ms"])
@@ -206,6 +196,7 @@ def markdown(report: dict, top: int) -> str:
 
 
 def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
   p = argparse.ArgumentParser(prog="python -m benchmarks.profile",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="resnet50")
@@ -229,15 +220,14 @@ def main(argv=None) -> dict:
   kwargs = json.loads(args.model_kwargs)
   images, labels, dists = synthetic_batch(args.batch, size, 8)
   if args.framework == "jax":
-    with tempfile.TemporaryDirectory() as d:
-      result = profile_jax(args.model, images, labels, dists, args.steps,
-                           args.trace_dir or d, kwargs)
+    keep = contextlib.nullcontext(args.trace_dir) if args.trace_dir else None
+    with keep or tempfile.TemporaryDirectory() as d:
+      result = profile_jax(args.model, images, labels, dists, args.steps, d, kwargs)
   else:
     result = profile_torch(args.model, images, labels, dists, args.steps, kwargs)
   report = {"framework": args.framework, "model": args.model, "batch": args.batch,
             "image_size": size, "steps": args.steps,
-            "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv),
+            "command": "python -m benchmarks.profile " + " ".join(argv),
             "result": result}
   print(markdown(report, args.top), flush=True)
   if args.out:
