@@ -1,6 +1,7 @@
 """oneDNN convolutions through XLA's FFI (``sdl_jax.models.dnnl``) against lax."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -451,3 +452,21 @@ def test_two_devices_run_the_same_convolutions_at_once():
   proc = subprocess.run([sys.executable, "-c", CONCURRENT_WORKER], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_after_is_exact_and_the_dependency_survives_compilation():
+  """``after(a, b)`` is ``a`` bit for bit (finite ``b``), has no gradient in ``b``, and the
+  compiled program still reads ``b``: the ordering of the backward pass rests on XLA not
+  folding ``0 * b[0]`` away."""
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.normal(size=(2, 5, 4, 3)), jnp.float32).at[0, 0, 0, 0].set(-0.0)
+  b = jnp.asarray(rng.normal(size=(3, 3, 3, 2)) * 1e30, jnp.float32)
+  out = jax.jit(dnnl.after)(a, b)
+  np.testing.assert_array_equal(out, a)
+  ga, gb = jax.grad(lambda a, b: jnp.sum(jnp.sin(dnnl.after(a, b))), argnums=(0, 1))(a, b)
+  np.testing.assert_allclose(ga, jnp.cos(a), rtol=1e-6)
+  assert not np.any(np.asarray(gb))
+  hlo = jax.jit(dnnl.after).lower(a, b).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  param = re.search(r"%(\S+) = f32\[3,3,3,2\]\{[^}]*\} parameter\(1\)", entry)
+  assert param and entry.count(f"%{param.group(1)}") >= 2, entry  # declared and read

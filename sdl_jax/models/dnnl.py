@@ -185,10 +185,12 @@ def _format(v: int | None) -> str:
 
 MODES = ("auto", "all", "xla_large_wgrad", "xla_spatial_wgrad", "xla_wgrad", "grouped",
          "off")
-# Between the largest weight gradient oneDNN 3.2 ran faster than XLA on an AVX2 EPYC (6.0e8
-# multiply-adds, the small CNN's 32 -> 64 and 64 -> 128 3x3 ones at batch 32) and the
-# smallest XLA ran faster (1.2e9, its 32 -> 32 ones); README, "Performance", session 14.
-LARGE_WGRAD_MACS = 1e9
+# Between the largest weight gradients oneDNN 3.2 ran faster than XLA's in the train step
+# on an AVX2 EPYC (1.2e9 multiply-adds, the small CNN's 32 -> 32, 64 -> 64 and 128 -> 128
+# 3x3 ones at batch 32, once the backward pass was ordered by ``after``) and the smallest
+# XLA's ran faster (2.8e9 and up: VGG-16's first layer, ResNet-50's 3.7e9); README,
+# "Performance", sessions 14-15.
+LARGE_WGRAD_MACS = 2e9
 _ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
             "0": "off", "false": "off", "no": "off"}
 _override: str | None = None
@@ -352,10 +354,30 @@ def _conv_fwd(x, w, strides, padding, groups):
   return conv(x, w, strides, padding, groups), (x, w)
 
 
+def after(a, b):
+  """``a``, computed no earlier than ``b``: ``a + 0 * b.flat[0]``, equal to ``a`` wherever
+  ``b.flat[0]`` is finite (an inf or NaN there would make it NaN, as it would the
+  training anyway).
+
+  Orders the backward pass on XLA:CPU, whose runtime runs any two ops whose operands
+  exist side by side on its threads (``lax.optimization_barrier`` around the weight
+  gradient did not order the traced step). Nothing reads a convolution's weight gradient
+  until the optimizer, so XLA left them all to the end of the step, where they ran two at
+  once, each oneDNN call's two OpenMP threads sharing the two cores with the other's
+  (README, "Performance", session 15). XLA does not fold ``0 * s`` for floats (the tests
+  check that the dependency survives compilation), and the add fuses into whatever reads
+  ``a`` next.
+  """
+  return a + (b.reshape(-1)[0] * 0).astype(a.dtype)
+
+
 def _conv_bwd(strides, padding, groups, res, dy):
   x, w = res
-  return (input_grad(dy, w, x.shape, strides, padding, groups),
-          _weight_grad(x, dy, w.shape, strides, padding, groups))
+  dx = input_grad(dy, w, x.shape, strides, padding, groups)
+  dw = _weight_grad(x, dy, w.shape, strides, padding, groups)
+  # What reads dx waits for dw: each layer's two gradients run before the layer below's,
+  # one at a time in the traced step, as in PyTorch's backward.
+  return after(dx, dw), dw
 
 
 def _input_grad_fwd(dy, w, x_shape, strides, padding, groups):
