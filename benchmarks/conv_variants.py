@@ -20,6 +20,11 @@ model module for one run, so whole-model effects are measured by the same tool. 
 * ``dnnl_spatial``, ``dnnl_spatial_xla_wgrad``: as ``dnnl`` and ``dnnl_xla_wgrad`` for
   grouped convolutions and dense ones larger than 1x1, dense 1x1 ones as matmuls (the
   library's ``pointwise``);
+* ``unordered``: the library without ``dnnl.after``: oneDNN's input and weight gradients
+  of a convolution left unordered, as before session 15 (XLA then left the weight
+  gradients to the end of the step and ran them two at once);
+* ``session14``: the library as session 14 left it: unordered, and dense weight gradients
+  of 1e9 multiply-adds or more on XLA (``LARGE_WGRAD_MACS`` 1e9, now 2e9);
 * ``no_dnnl``: the library with oneDNN off (XLA's kernels and the hand paths); the
   variants below run with oneDNN off too, as earlier states of the library;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
@@ -199,6 +204,24 @@ def no_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
 
 
 _LIBRARY_DW_STRIDED_INPUT_GRAD = library_conv.depthwise_input_grad_strided
+_LIBRARY_AFTER = library_dnnl.after
+
+
+def _unordered(a, b):  # pylint: disable=unused-argument
+  """``dnnl.after`` undone: ``a`` with no dependency on ``b``."""
+  return a
+
+
+def with_large_wgrad_macs(macs, conv):
+  """``conv`` traced with ``dnnl.LARGE_WGRAD_MACS`` set to ``macs`` (the routing is decided
+  when the forward pass is traced)."""
+  def traced(*args, **kwargs):
+    old, library_dnnl.LARGE_WGRAD_MACS = library_dnnl.LARGE_WGRAD_MACS, macs
+    try:
+      return conv(*args, **kwargs)
+    finally:
+      library_dnnl.LARGE_WGRAD_MACS = old
+  return traced
 
 
 def _autodiff_strided_input_grad(dy, w, hw, strides, padding):
@@ -258,6 +281,9 @@ VARIANTS = {
     "dnnl_xla_wgrad": with_dnnl("xla_wgrad"),
     "dnnl_xla_spatial_wgrad": with_dnnl("xla_spatial_wgrad"),
     "dnnl_xla_large_wgrad": with_dnnl("xla_large_wgrad"),
+    # The library; ``use`` swaps ``dnnl.after`` for ``_unordered``.
+    "unordered": library_conv.conv_general_dilated,
+    "session14": with_large_wgrad_macs(1e9, library_conv.conv_general_dilated),
     "dnnl_spatial": dnnl_spatial("all"),
     "dnnl_spatial_xla_wgrad": dnnl_spatial("xla_wgrad"),
     # Earlier states of the library, before its dense convolutions went to oneDNN.
@@ -320,3 +346,4 @@ def use(name: str) -> None:
   library_conv.depthwise_input_grad_strided = (
       _autodiff_strided_input_grad if name == "dw_strided_autodiff"
       else _LIBRARY_DW_STRIDED_INPUT_GRAD)
+  library_dnnl.after = _unordered if name in ("unordered", "session14") else _LIBRARY_AFTER

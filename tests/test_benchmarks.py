@@ -518,3 +518,66 @@ def test_profile_smoke_run_reports_the_step_op_by_op(tmp_path, framework):
   assert sum(k["ms"] for k in r["by_kind"]) == pytest.approx(r["ops_ms"])
   assert 0 < r["busy_ms"] <= r["ops_ms"] + 1e-6 and r["concurrent_ms"] <= r["busy_ms"]
   assert any(l["layer"].startswith("conv0_0") for l in r["by_layer"])
+
+
+PRIMITIVE_LINES = [
+    # oneDNN 3.2 (the library's), 3.12 (PyTorch's), jaxlib's gemm_api, and other output
+    "onednn_verbose,exec,cpu,convolution,brgconv:avx2,forward_training,src_f32::blocked:"
+    "acdb::f0 wei_f32:a:blocked:Acdb16a::f0 bia_undef::undef::: dst_f32::blocked:acdb::f0,"
+    "attr-scratchpad:user ,alg:convolution_direct,mb32_ic32oc32_ih64oh64kh3sh1dh0ph1_iw64ow"
+    "64kw3sw1dw0pw1,12.5",
+    "onednn_verbose,exec,cpu,convolution,brgconv:avx2,forward_training,src_f32::blocked:"
+    "acdb::f0,attr-scratchpad:user ,alg:convolution_direct,mb32_ic32oc32_ih64oh64kh3sh1dh0"
+    "ph1_iw64ow64kw3sw1dw0pw1,14.5",
+    "onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx2,forward_training,"
+    "src:f32::blocked:acdb::f0,attr-scratchpad:user,alg:convolution_direct,mb32_ic32oc32_"
+    "ih64oh64kh3sh1dh0ph1_iw64ow64kw3sw1dw0pw1,13.0",
+    "onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src_f32::blocked:ab:f0,,,"
+    "96x320:320x32,0.25",
+    "onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,jit:avx2,forward_training"
+    ",src:f32,,alg:convolution_direct,mb32_ic3oc32,0.1",
+    "onednn_verbose,info,cpu,isa:Intel AVX2",
+    "some other output",
+]
+
+
+def test_primitives_parses_both_verbose_layouts_and_compares_medians():
+  from benchmarks import primitives
+  calls = [primitives.parse_line(l) for l in PRIMITIVE_LINES]
+  assert calls[4:] == [None, None, None]
+  assert calls[0] == {"primitive": "convolution", "impl": "brgconv:avx2",
+                      "direction": "forward_training",
+                      "shape": "mb32_ic32oc32_ih64oh64kh3sh1dh0ph1_iw64ow64kw3sw1dw0pw1",
+                      "ms": 12.5}
+  assert calls[2]["impl"] == "brg_conv_fwd:avx2" and calls[2]["ms"] == 13.0
+  assert calls[3]["primitive"] == "gemm_api"
+  jax_rows = primitives.summarise(calls[:2] + calls[3:4], steps=2)
+  torch_rows = primitives.summarise(calls[2:3], steps=1)
+  key = ("convolution", "forward_training", "ic32oc32_ih64oh64kh3sh1dh0ph1_iw64ow64kw3sw1dw0pw1")
+  assert jax_rows[key] == {"median_ms": 13.5, "per_step": 1.0, "ms_per_step": 13.5,
+                           "impl": ["brgconv:avx2"]}
+  assert jax_rows[("gemm_api", "", "")]["ms_per_step"] == 0.125
+  rows = primitives.compare(jax_rows, torch_rows)
+  conv = next(r for r in rows if r["primitive"] == "convolution")
+  assert conv["ratio"] == pytest.approx(13.5 / 13.0)
+  gemm = next(r for r in rows if r["primitive"] == "gemm_api")
+  assert gemm["torch"] is None and gemm["ratio"] is None
+
+
+@pytest.mark.slow
+def test_primitives_smoke_run_matches_the_two_frameworks_calls(tmp_path):
+  pytest.importorskip("torch")
+  from benchmarks import primitives
+  from sdl_jax.models import dnnl
+  out = tmp_path / "prims.json"
+  report = primitives.main(["--model=small_cnn", "--batch=2", "--image_size=16",
+                            "--steps=1", "--rounds=1", f"--out={out}"])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  assert report["step_ms"]["jax"] > 0 and report["step_ms"]["torch"] > 0
+  convs = [r for r in report["rows"] if r["primitive"] == "convolution"]
+  assert any(r["torch"] for r in convs)  # PyTorch's convolutions run on its oneDNN
+  if dnnl.available():
+    both = [r for r in convs if r["jax"] and r["torch"]]
+    assert {r["direction"] for r in both} >= {"forward_training", "backward_data",
+                                              "backward_weights"}
+    assert all(r["ratio"] > 0 for r in both)

@@ -301,3 +301,23 @@ def test_dw_strided_autodiff_variant_gives_the_same_gradient():
     conv_variants.use("library")
   assert conv.depthwise_input_grad_strided is depthwise_input_grad_strided
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unordered_and_session14_variants_drop_the_ordering_until_library_is_restored():
+  """The benchmark's ``unordered``/``session14`` variants (the library before session 15)
+  trace oneDNN's backward without ``dnnl.after``, ``session14`` with the old 1e9 limit;
+  ``use('library')`` restores both."""
+  from benchmarks import conv_variants
+  from sdl_jax.models import dnnl
+  seen = []
+  conv_variants.with_large_wgrad_macs(5, lambda: seen.append(dnnl.LARGE_WGRAD_MACS))()
+  assert seen == [5] and dnnl.LARGE_WGRAD_MACS == 2e9
+  a, nan = jnp.arange(3.0), jnp.full((2,), jnp.nan)
+  assert np.all(np.isnan(dnnl.after(a, nan)))  # the dependency is real arithmetic
+  for name in ("unordered", "session14"):
+    try:
+      conv_variants.use(name)
+      np.testing.assert_array_equal(dnnl.after(a, nan), a)
+    finally:
+      conv_variants.use("library")
+    assert dnnl.after is conv_variants._LIBRARY_AFTER

@@ -2,7 +2,7 @@
 bfloat16 ones where the CPU has bfloat16 arithmetic, ``dnnl.bf16``) on
 oneDNN (``sdl_jax.models.dnnl``, where it is installed and ``$SDL_JAX_DNNL`` sends them:
 by default all on an AVX-512 CPU; elsewhere all but the weight gradients of dense ones
-larger than 1x1 with 1e9 multiply-adds or more with oneDNN 3, the grouped ones with
+larger than 1x1 with 2e9 multiply-adds or more with oneDNN 3, the grouped ones with
 oneDNN 2) and otherwise depthwise
 convolutions as shifted taps, 1x1 convolutions as matmuls with a transpose-free weight
 gradient (``pointwise``), and gives dense strided convolutions a space-to-depth weight

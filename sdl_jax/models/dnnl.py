@@ -26,9 +26,9 @@ Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
   convolutions slower than XLA's and the depthwise ones faster, and oneDNN 3.2's forward
   pass and input gradient (its brgemm kernels) were faster than XLA's; its weight gradient
   (a JIT kernel) was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and for
-  small larger ones (the small CNN's three with 0.1-0.6 G multiply-adds: its step +2.4%;
-  Lite0's stem +2.6%), slower for large ones (1.2 G and up: the small CNN's other three,
-  ResNet-50's, VGG-16's; VGG-16 with all of them there ran at 0.66x the step's speed).
+  smaller larger ones (the small CNN's six with 0.1-1.2 G multiply-adds, once ``after``
+  ordered the backward pass: its step +5%; Lite0's stem), slower for large ones (2.8 G and
+  up: ResNet-50's, VGG-16's; VGG-16 with all of them there ran at 0.66x the step's speed).
 * ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
 * ``xla_large_wgrad``: every one, except that dense (ungrouped) convolutions with a
   kernel larger than 1x1 and a weight gradient of at least ``LARGE_WGRAD_MACS``
