@@ -15,7 +15,7 @@ ran another op beside it); a different kernel name means oneDNN chose differentl
 3.2 here against PyTorch's newer one). In the library's process jaxlib's own copy of
 oneDNN also reports the small matrix products XLA's own convolutions and dots are built
 from (``gemm_api``; XLA runs them on both threads at once, so their sum overstates wall
-time); they are summed in one row.
+time); they are summed in one row. The printing slows both steps a little, alike.
 
 Exploratory, like ``benchmarks.profile``: for finding where a gap sits, not for the
 README's speed figures, which come from ``benchmarks.run``.
