@@ -15,7 +15,12 @@ ran another op beside it); a different kernel name means oneDNN chose differentl
 3.2 here against PyTorch's newer one). In the library's process jaxlib's own copy of
 oneDNN also reports the small matrix products XLA's own convolutions and dots are built
 from (``gemm_api``; XLA runs them on both threads at once, so their sum overstates wall
-time); they are summed in one row. The printing slows both steps a little, alike.
+time); they are summed in one row. The printing slows both steps, and where XLA's own
+convolutions run (ResNet-50's and VGG-16's large weight gradients print thousands of
+``gemm_api`` lines a step) it slows the library's far more (ResNet-50: 7.5 s a step
+against 6.0 s without it, and single forward calls 2-4x their time in a
+``benchmarks.profile`` trace): compare calls, and trust the step times only for models
+whose convolutions are all oneDNN's (the small CNN, EfficientNet-Lite0).
 
 Exploratory, like ``benchmarks.profile``: for finding where a gap sits, not for the
 README's speed figures, which come from ``benchmarks.run``.
