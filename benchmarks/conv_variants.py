@@ -23,8 +23,11 @@ model module for one run, so whole-model effects are measured by the same tool. 
 * ``unordered``: the library without ``dnnl.after``: oneDNN's input and weight gradients
   of a convolution left unordered, as before session 15 (XLA then left the weight
   gradients to the end of the step and ran them two at once);
-* ``session14``: the library as session 14 left it: unordered, and dense weight gradients
-  of 1e9 multiply-adds or more on XLA (``LARGE_WGRAD_MACS`` 1e9, now 2e9);
+* ``nhwc_wgrad``: the library with oneDNN's weight gradients on NHWC activations always
+  (``dnnl.blocked_weight_grad`` off), as before session 15;
+* ``session14``: the library as session 14 left it: unordered, NHWC weight gradients,
+  and dense weight gradients of 1e9 multiply-adds or more on XLA (``LARGE_WGRAD_MACS``
+  1e9, now 2e9);
 * ``no_dnnl``: the library with oneDNN off (XLA's kernels and the hand paths); the
   variants below run with oneDNN off too, as earlier states of the library;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
@@ -205,6 +208,7 @@ def no_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
 
 _LIBRARY_DW_STRIDED_INPUT_GRAD = library_conv.depthwise_input_grad_strided
 _LIBRARY_AFTER = library_dnnl.after
+_LIBRARY_BLOCKED = library_dnnl.blocked_weight_grad
 
 
 def _unordered(a, b):  # pylint: disable=unused-argument
@@ -283,6 +287,7 @@ VARIANTS = {
     "dnnl_xla_large_wgrad": with_dnnl("xla_large_wgrad"),
     # The library; ``use`` swaps ``dnnl.after`` for ``_unordered``.
     "unordered": library_conv.conv_general_dilated,
+    "nhwc_wgrad": library_conv.conv_general_dilated,  # ``use`` swaps blocked_weight_grad
     "session14": with_large_wgrad_macs(1e9, library_conv.conv_general_dilated),
     "dnnl_spatial": dnnl_spatial("all"),
     "dnnl_spatial_xla_wgrad": dnnl_spatial("xla_wgrad"),
@@ -347,3 +352,6 @@ def use(name: str) -> None:
       _autodiff_strided_input_grad if name == "dw_strided_autodiff"
       else _LIBRARY_DW_STRIDED_INPUT_GRAD)
   library_dnnl.after = _unordered if name in ("unordered", "session14") else _LIBRARY_AFTER
+  library_dnnl.blocked_weight_grad = (
+      (lambda groups, w_shape: False) if name in ("nhwc_wgrad", "session14")
+      else _LIBRARY_BLOCKED)

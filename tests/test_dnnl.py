@@ -470,3 +470,34 @@ def test_after_is_exact_and_the_dependency_survives_compilation():
   entry = hlo[hlo.index("ENTRY"):]
   param = re.search(r"%(\S+) = f32\[3,3,3,2\]\{[^}]*\} parameter\(1\)", entry)
   assert param and entry.count(f"%{param.group(1)}") >= 2, entry  # declared and read
+
+
+def test_blocked_weight_grad_rule(monkeypatch):
+  """oneDNN's weight gradient on its blocked layout: dense, larger than 1x1, not widening,
+  and only without AVX-512 (where it was measured)."""
+  monkeypatch.setattr(dnnl, "_cpu_isa", lambda: ("avx2", "fma"))
+  assert dnnl.blocked_weight_grad(1, (3, 3, 32, 32)) and dnnl.blocked_weight_grad(1, (3, 3, 64, 32))
+  assert not dnnl.blocked_weight_grad(1, (3, 3, 32, 64))   # widening
+  assert not dnnl.blocked_weight_grad(1, (1, 1, 64, 64))   # 1x1
+  assert not dnnl.blocked_weight_grad(4, (3, 3, 1, 4))     # depthwise
+  monkeypatch.setattr(dnnl, "_cpu_isa", lambda: ("avx2", "avx512f"))
+  assert not dnnl.blocked_weight_grad(1, (3, 3, 32, 32))
+
+
+@needs_dnnl
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("c,o,strides,padding", [
+    (12, 12, (1, 1), ((1, 1), (1, 1))),   # channels not a multiple of the 8-wide block
+    (16, 8, (2, 1), ((1, 0), (2, 1))),    # narrowing, strided, asymmetric padding
+])
+def test_weight_grad_in_either_layout_equals_lax(blocked, c, o, strides, padding,
+                                                 monkeypatch):
+  monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: blocked)
+  rng = np.random.default_rng(c + o)
+  x = jnp.asarray(rng.normal(size=(3, 10, 9, c)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, c, o)), jnp.float32)
+  loss = lambda conv: (lambda w: jnp.sum(jnp.sin(conv(x, w))))
+  got = jax.jit(jax.grad(loss(lambda x, w: dnnl.conv(x, w, strides, padding, 1))))(w)
+  want = jax.grad(loss(lambda x, w: lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=DN)))(w)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
