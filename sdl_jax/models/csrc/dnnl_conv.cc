@@ -11,8 +11,10 @@
 //   SdlDnnlConvFwd        (x, w)  -> y
 //   SdlDnnlConvBwdData    (dy, w) -> dx   (dx's shape is the result buffer's)
 //   SdlDnnlConvBwdWeights (x, dy) -> dw   (dw's shape is the result buffer's)
-// oneDNN keeps the activations in NHWC (no reorders of the large tensors) and picks the
-// weights' layout; weights are reordered from or to HWIO around the primitive. Primitives
+// Attribute ``blocked`` (weight gradient only): oneDNN picks the layout of x and dy too,
+// and they are reordered to it; otherwise oneDNN keeps the activations in NHWC (no
+// reorders of the large tensors). It picks the weights' layout; weights are reordered
+// from or to HWIO around the primitive. Primitives
 // are built once per shape and cached, and run with a scratchpad of the calling thread's
 // (scratchpad_mode::user): XLA runs one program's devices on several threads of its pool at
 // once, and with the library's own scratchpad a primitive may run only on the thread that
@@ -106,8 +108,8 @@ Prim Make(const Key& key) {
     p.a_user = dst_u; p.b_user = wts_u; p.out_user = src_u;
   } else {
     // ``blocked``: oneDNN picks the activations' layout too (its blocked one), and x and dy
-    // are reordered to it on every call; the JIT weight-gradient kernel ran 1.1-1.6x
-    // faster on it (README, "Performance", session 15).
+    // are reordered to it on every call; the JIT weight-gradient kernel ran up to 1.36x
+    // as fast on it, reorders included (README, "Performance", session 15).
     auto src_w = blocked ? memory::desc(src, type, tag::any) : src_u;
     auto dst_w = blocked ? memory::desc(dst, type, tag::any) : dst_u;
 #if DNNL_VERSION_MAJOR >= 3
