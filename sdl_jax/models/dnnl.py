@@ -317,8 +317,9 @@ def blocked_weight_grad(groups: int, w_shape) -> bool:
   weights ``[kh, kw, C / groups, O]`` runs on oneDNN's blocked layout of ``x`` and ``dy``
   (reordered from NHWC on every call) instead of on NHWC: for dense ones larger than 1x1
   that do not widen (``C >= O``), on CPUs without AVX-512. On the AVX2 EPYC of session 15
-  (a C++ test of oneDNN 3.2's JIT kernel, reorders included): 32 -> 32 channels at 64 px
-  19.8 against 26.4 ms, 64 -> 64 at 56 px 57.5 against 78.3, 128 -> 128 at 28 px 52.0
+  (``benchmarks/csrc/wgrad_layout.cc``: oneDNN 3.2's JIT kernel, reorders included):
+  32 -> 32 channels at 64 px 19.8 against 26.4 ms, 64 -> 64 at 56 px 57.5 against 78.3,
+  128 -> 128 at 28 px 52.0
   against 60.2, and the small CNN's other square layers 3-4% faster; widening ones level
   or slower (32 -> 64 at 32 px 9.7 against 9.1 ms, 3 -> 32 at 64 px 4.1 against 3.4).
   Unmeasured on AVX-512, so left as it was there."""
