@@ -14,21 +14,24 @@ overriding ``$XLA_FLAGS``), or several joined by ``+`` (``no_strided+norm=flax``
 
     python -m benchmarks.ab --model=resnet50 --repeats=5 \
         --variants=library,xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT
-Prints each repeat's seconds per step (``--steps`` steps of each variant per repeat, the
-device synchronised after them), then per variant the median images/s and how many
-repeats it was the fastest in; returns ``{variant: [seconds per step]}``.
+After ``--warmup`` untimed steps of each, prints each repeat's seconds per step (``--steps``
+steps of each variant per repeat, the device synchronised after them) and page faults,
+then per variant the median images/s and how many repeats it was the fastest in; returns
+``{variant: [seconds per step]}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 
 import numpy as np
 
 from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+from benchmarks import WARMUP_STEPS
 
 
 def main(argv=None) -> dict:
@@ -42,6 +45,9 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=1,
                  help="steps of each variant per repeat (more for a model whose step is "
                       "short, so that a repeat outlasts the machine's jitter)")
+  p.add_argument("--warmup", type=int, default=WARMUP_STEPS,
+                 help="untimed steps of each variant after compiling (benchmarks."
+                      "WARMUP_STEPS: the first two page-fault a large model's buffers in)")
   p.add_argument("--variants", default="library,dw_strided_autodiff",
                  help="comma-separated variants: a --conv name, norm=..., pool=..., an XLA "
                       "option xla_...=value, or several joined by '+' "
@@ -62,24 +68,28 @@ def main(argv=None) -> dict:
       t = jax_train.JaxTrainer(config, images, labels, dists)
       print(f"{v}: compiled in {t.compile(options):.1f} s, XLA temporaries "
             f"{t.memory()['temporaries'] / 2**20:.0f} MiB", flush=True)
-      t.step()
+      for _ in range(args.warmup):
+        t.step()
       t.sync()
       trainers[v] = t
   finally:
     conv_variants.use("library")
     conv_variants.use_model_ops()
   times = {v: [] for v in variants}
+  faults = {v: [] for v in variants}
   for r in range(args.repeats):
     # Every other repeat in reverse order, so that no variant always runs right after
     # the same one.
     for v, t in (list(trainers.items()) if r % 2 == 0 else list(trainers.items())[::-1]):
+      faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       for _ in range(args.steps):
         t.step()
       t.sync()
       times[v].append((time.perf_counter() - t0) / args.steps)
-    print(f"repeat {r}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in variants),
-          flush=True)
+      faults[v].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
+    print(f"repeat {r}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in variants)
+          + "; page faults " + ", ".join(str(faults[v][-1]) for v in variants), flush=True)
   fastest = np.argmin(np.asarray([times[v] for v in variants]), axis=0)
   for i, v in enumerate(variants):
     print(f"{v}: {args.batch / np.median(times[v]):.3f} img/s (median), fastest in "

@@ -28,6 +28,9 @@ model module for one run, so whole-model effects are measured by the same tool. 
 * ``session14``: the library as session 14 left it: unordered, NHWC weight gradients,
   and dense weight gradients of 1e9 multiply-adds or more on XLA (``LARGE_WGRAD_MACS``
   1e9, now 2e9);
+* ``session15``: the library as session 15 left it: every dense KxK weight gradient of
+  ``LARGE_WGRAD_MACS`` multiply-adds or more on XLA, the square ones too (now oneDNN's,
+  on its blocked layout);
 * ``no_dnnl``: the library with oneDNN off (XLA's kernels and the hand paths); the
   variants below run with oneDNN off too, as earlier states of the library;
 * ``lax``: ``lax.conv_general_dilated`` itself, depthwise included;
@@ -209,6 +212,18 @@ def no_strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
 _LIBRARY_DW_STRIDED_INPUT_GRAD = library_conv.depthwise_input_grad_strided
 _LIBRARY_AFTER = library_dnnl.after
 _LIBRARY_BLOCKED = library_dnnl.blocked_weight_grad
+_LIBRARY_TAKES_WEIGHT_GRAD = library_dnnl.takes_weight_grad
+
+
+def _session15_takes_weight_grad(groups, x_shape, w_shape, strides, padding):
+  """``dnnl.takes_weight_grad`` as session 15 left it: under ``xla_large_wgrad`` every
+  dense KxK weight gradient of ``LARGE_WGRAD_MACS`` or more on XLA, whatever its shape."""
+  if (library_dnnl.mode() == "xla_large_wgrad" and groups == 1
+      and int(w_shape[0]) * int(w_shape[1]) > 1):
+    n, ho, wo, _ = library_dnnl.out_shape(x_shape, w_shape, strides, padding)
+    if n * ho * wo * math.prod(int(d) for d in w_shape) >= library_dnnl.LARGE_WGRAD_MACS:
+      return False
+  return _LIBRARY_TAKES_WEIGHT_GRAD(groups, x_shape, w_shape, strides, padding)
 
 
 def _unordered(a, b):  # pylint: disable=unused-argument
@@ -289,6 +304,8 @@ VARIANTS = {
     "unordered": library_conv.conv_general_dilated,
     "nhwc_wgrad": library_conv.conv_general_dilated,  # ``use`` swaps blocked_weight_grad
     "session14": with_large_wgrad_macs(1e9, library_conv.conv_general_dilated),
+    # The library; ``use`` swaps ``dnnl.takes_weight_grad`` for session 15's rule.
+    "session15": library_conv.conv_general_dilated,
     "dnnl_spatial": dnnl_spatial("all"),
     "dnnl_spatial_xla_wgrad": dnnl_spatial("xla_wgrad"),
     # Earlier states of the library, before its dense convolutions went to oneDNN.
@@ -355,3 +372,5 @@ def use(name: str) -> None:
   library_dnnl.blocked_weight_grad = (
       (lambda groups, w_shape: False) if name in ("nhwc_wgrad", "session14")
       else _LIBRARY_BLOCKED)
+  library_dnnl.takes_weight_grad = (_session15_takes_weight_grad if name == "session15"
+                                    else _LIBRARY_TAKES_WEIGHT_GRAD)

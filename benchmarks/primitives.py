@@ -7,7 +7,7 @@ Both frameworks run their convolutions on oneDNN (the library through its FFI ha
 ``sdl_jax.models.dnnl``; PyTorch through its bundled copy), and oneDNN times every call it
 runs when ``ONEDNN_VERBOSE=1`` is set. Each round runs the library's step and then
 PyTorch's (the step ``benchmarks.run`` times, on the same synthetic batch), each in a child
-process of its own with that variable set, ``--steps`` steps after two warm-up ones, and
+process of its own with that variable set, ``--steps`` steps after three warm-up ones, and
 this tool matches the calls by primitive, direction and shape: the median milliseconds per
 call, calls per step and the ratio. A convolution whose call takes longer inside the
 library's step than inside PyTorch's, with the same kernel, is waiting for the cores (XLA
@@ -39,6 +39,7 @@ import sys
 import numpy as np
 
 from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+from benchmarks import WARMUP_STEPS
 
 FRAMEWORKS = ("jax", "torch")
 _START, _END = "=====sdl_jax primitives start", "=====sdl_jax primitives end"
@@ -99,7 +100,7 @@ def _child(args) -> None:
     from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(perf.cpu_count())
     trainer = torch_train.TorchTrainer(args.model, dists.shape[1], images, labels, dists)
-  for _ in range(2):
+  for _ in range(WARMUP_STEPS):
     trainer.step()
     trainer.sync()
   print(_START, flush=True)
@@ -164,7 +165,7 @@ def main(argv=None) -> dict | None:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--image_size", type=int, default=0,
                  help="0: 224, or the small CNN's 64")
-  p.add_argument("--steps", type=int, default=5, help="steps per round (after 2 warm-up)")
+  p.add_argument("--steps", type=int, default=5, help="steps per round (after 3 warm-up)")
   p.add_argument("--rounds", type=int, default=2,
                  help="rounds, each running the library's steps and then PyTorch's")
   p.add_argument("--out", default="", help="write the JSON here")

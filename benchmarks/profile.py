@@ -8,9 +8,9 @@ The step is the one ``benchmarks.run`` times (``jax_train.JaxTrainer``: the libr
 pmapped ``train_step``; ``torch_train.TorchTrainer``), on the same synthetic batch. Run
 each framework in a process of its own, as ``benchmarks.run`` does.
 
-JAX: after compiling and two warm-up steps, ``--steps`` steps run under
-``jax.profiler``; every traced event whose name is an instruction of the compiled step
-(the optimised HLO) is one op's run. Reported per step: the wall time, the sum of the
+JAX: after compiling and three warm-up steps (``benchmarks.WARMUP_STEPS``), ``--steps``
+steps run under ``jax.profiler``; every traced event whose name is an instruction of the
+compiled step (the optimised HLO) is one op's run. Reported per step: the wall time, the sum of the
 ops' times, the time at least one op ran ("busy") and at least two ran at once
 ("concurrent": XLA:CPU runs independent ops on its pool's threads side by side, and then
 each one's time includes waiting for the cores), and the ops grouped by kind (oneDNN's
@@ -42,6 +42,7 @@ import tempfile
 import numpy as np
 
 from sdl_jax import perf  # first: it sets the XLA:CPU flags before JAX starts
+from benchmarks import WARMUP_STEPS
 from sdl_jax.models import dnnl
 
 ONEDNN_TARGETS = {dnnl.TARGETS[d]: f"oneDNN conv {label}" for d, label in (
@@ -136,7 +137,7 @@ def profile_jax(name, images, labels, dists, steps: int, trace_dir: str,
   config = jax_train.bench_config(name, batch=images.shape[0], model_kwargs=model_kwargs)
   trainer = jax_train.JaxTrainer(config, images, labels, dists)
   trainer.compile()
-  for _ in range(2):
+  for _ in range(WARMUP_STEPS):
     trainer.step()
     trainer.sync()
   jax.profiler.start_trace(trace_dir)
@@ -162,7 +163,7 @@ def profile_torch(name, images, labels, dists, steps: int, model_kwargs=None) ->
   torch.set_num_threads(perf.cpu_count())
   trainer = torch_train.TorchTrainer(name, dists.shape[1], images, labels, dists,
                                      model_kwargs=model_kwargs)
-  for _ in range(2):
+  for _ in range(WARMUP_STEPS):
     trainer.step()
   with profile(activities=[ProfilerActivity.CPU]) as prof:
     step_s = [perf.timed_step(trainer.step, trainer.sync)[0] for _ in range(steps)]
@@ -205,7 +206,7 @@ def main(argv=None) -> dict:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--image_size", type=int, default=0,
                  help="0: 224, or the small CNN's 64")
-  p.add_argument("--steps", type=int, default=2, help="steps profiled (after 2 warm-up)")
+  p.add_argument("--steps", type=int, default=2, help="steps profiled (after 3 warm-up)")
   p.add_argument("--top", type=int, default=25, help="rows of each table")
   p.add_argument("--trace_dir", default="",
                  help="keep JAX's trace here (for Perfetto/TensorBoard); default: a "

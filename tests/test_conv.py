@@ -321,3 +321,28 @@ def test_unordered_and_session14_variants_drop_the_ordering_until_library_is_res
     finally:
       conv_variants.use("library")
     assert dnnl.after is conv_variants._LIBRARY_AFTER
+
+
+def test_session15_variant_keeps_large_square_weight_grads_on_xla_until_restored(monkeypatch):
+  """``session15`` (the library before session 16) routes a large dense KxK weight
+  gradient that does not widen to XLA, where the library's ``xla_large_wgrad`` keeps it on
+  oneDNN's blocked layout; small ones and 1x1 ones stay oneDNN's; ``use('library')``
+  restores the rule."""
+  from benchmarks import conv_variants
+  from sdl_jax.models import dnnl
+  x_shape, strides, padding = (2, 8, 8, 6), (1, 1), ((1, 1), (1, 1))
+  square, w1 = (3, 3, 6, 6), (1, 1, 6, 6)
+  macs = 2 * 8 * 8 * 3 * 3 * 6 * 6
+  takes = lambda w: dnnl.takes_weight_grad(1, x_shape, w, strides, padding)
+  with dnnl.use("xla_large_wgrad"):
+    for limit, want_session15 in ((macs, False), (macs + 1, True)):
+      # As on a CPU without AVX-512 (``use`` below resets it to the library's).
+      monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: True)
+      monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", limit)
+      assert takes(square) and takes(w1)
+      try:
+        conv_variants.use("session15")
+        assert takes(square) == want_session15 and takes(w1)
+      finally:
+        conv_variants.use("library")
+      assert dnnl.takes_weight_grad is conv_variants._LIBRARY_TAKES_WEIGHT_GRAD

@@ -355,6 +355,11 @@ def test_weight_grad_routing_by_mode_kernel_and_multiply_adds(monkeypatch):
     assert not takes(1, w3) and takes(1, w1) and takes(2, (3, 3, 2, 6))
     monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1)
     assert takes(1, w1)  # 1x1: oneDNN's whatever the size
+    # Large ones that do not widen: oneDNN's where it runs them on its blocked layout.
+    square = (3, 3, 6, 6)
+    for blocked in (True, False):
+      monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: blocked)
+      assert takes(1, square) == blocked and takes(1, w1)
   monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1e9)
   for mode, want3, want1 in [("all", True, True), ("xla_spatial_wgrad", False, True),
                              ("xla_wgrad", False, False), ("grouped", False, False)]:

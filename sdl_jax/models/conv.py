@@ -2,16 +2,17 @@
 bfloat16 ones where the CPU has bfloat16 arithmetic, ``dnnl.bf16``) on
 oneDNN (``sdl_jax.models.dnnl``, where it is installed and ``$SDL_JAX_DNNL`` sends them:
 by default all on an AVX-512 CPU; elsewhere all but the weight gradients of dense ones
-larger than 1x1 with 2e9 multiply-adds or more with oneDNN 3, the grouped ones with
-oneDNN 2) and otherwise depthwise
+larger than 1x1 that widen with 2e9 multiply-adds or more with oneDNN 3, the grouped ones
+with oneDNN 2) and otherwise depthwise
 convolutions as shifted taps, 1x1 convolutions as matmuls with a transpose-free weight
 gradient (``pointwise``), and gives dense strided convolutions a space-to-depth weight
 gradient (``strided``). oneDNN's kernels measured level with PyTorch's (which are oneDNN's)
 in every direction on an AVX-512 CPU where XLA's own ran 0.07-0.9x as fast (README,
 "Performance"); on an AVX2-only CPU oneDNN 3.2's dense forward and input-gradient
 kernels, its depthwise ones and its weight gradient of 1x1 and small convolutions won
-against XLA's in the train step, its other dense weight gradients lost (oneDNN 2.6's dense
-kernels lost in every direction). The paths below are what the rest takes.
+against XLA's in the train step, and of large ones that do not widen on its blocked
+layout; its other dense weight gradients lost (oneDNN 2.6's dense kernels lost in every
+direction). The paths below are what the rest takes.
 
 XLA:CPU's depthwise convolution (``feature_group_count`` = input channels, one filter per
 channel) measured 20-40x slower than PyTorch's in the forward pass and ~10x slower in the

@@ -27,13 +27,17 @@ Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
   pass and input gradient (its brgemm kernels) were faster than XLA's; its weight gradient
   (a JIT kernel) was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and for
   smaller larger ones (the small CNN's six with 0.1-1.2 G multiply-adds, once ``after``
-  ordered the backward pass: its step +5%; Lite0's stem), slower for large ones (2.8 G and
-  up: ResNet-50's, VGG-16's; VGG-16 with all of them there ran at 0.66x the step's speed).
+  ordered the backward pass: its step +5%; Lite0's stem), slower for large ones on XLA's
+  NHWC layout (2.8 G and up: ResNet-50's, VGG-16's; VGG-16 with all of them there ran at
+  0.66x the step's speed, session 14), and on its own blocked layout
+  (``blocked_weight_grad``) faster again for large ones that do not widen (ResNet-50's 3x3
+  ones: its step +2.2%; VGG-16 level; session 16).
 * ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
 * ``xla_large_wgrad``: every one, except that dense (ungrouped) convolutions with a
   kernel larger than 1x1 and a weight gradient of at least ``LARGE_WGRAD_MACS``
-  multiply-adds (``N Ho Wo kh kw C O``, per device) have XLA's weight gradient (the same
-  path as with oneDNN off).
+  multiply-adds (``N Ho Wo kh kw C O``, per device) whose weight gradient oneDNN would
+  not run on its blocked layout (``blocked_weight_grad``: those that widen, ``C < O``, and
+  all on AVX-512) have XLA's weight gradient (the same path as with oneDNN off).
 * ``xla_spatial_wgrad``: the same for every dense convolution with a kernel larger than
   1x1, whatever its size (``auto`` on AVX2 in session 13).
 * ``xla_wgrad``: every one, except that all dense convolutions' weight gradients are
@@ -186,10 +190,10 @@ def _format(v: int | None) -> str:
 MODES = ("auto", "all", "xla_large_wgrad", "xla_spatial_wgrad", "xla_wgrad", "grouped",
          "off")
 # Between the largest weight gradients oneDNN 3.2 ran faster than XLA's in the train step
-# on an AVX2 EPYC (1.2e9 multiply-adds, the small CNN's 32 -> 32, 64 -> 64 and 128 -> 128
-# 3x3 ones at batch 32, once the backward pass was ordered by ``after``) and the smallest
-# XLA's ran faster (2.8e9 and up: VGG-16's first layer, ResNet-50's 3.7e9); README,
-# "Performance", sessions 14-15.
+# on an AVX2 EPYC on NHWC (1.2e9 multiply-adds, the small CNN's 32 -> 32, 64 -> 64 and
+# 128 -> 128 3x3 ones at batch 32, once the backward pass was ordered by ``after``) and the
+# smallest XLA's ran faster (2.8e9 and up: VGG-16's first layer, ResNet-50's 3.7e9);
+# README, "Performance", sessions 14-15. Applies to those not on the blocked layout only.
 LARGE_WGRAD_MACS = 2e9
 _ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
             "0": "off", "false": "off", "no": "off"}
@@ -298,9 +302,11 @@ def takes_weight_grad(groups: int, x_shape, w_shape, strides, padding) -> bool:
     return False
   if (kh, kw) == (1, 1):
     return True
+  if m != "xla_large_wgrad":
+    return False
   n, ho, wo, _ = out_shape(x_shape, w_shape, strides, padding)
   macs = n * ho * wo * kh * kw * int(w_shape[2]) * int(w_shape[3])
-  return m == "xla_large_wgrad" and macs < LARGE_WGRAD_MACS
+  return macs < LARGE_WGRAD_MACS or blocked_weight_grad(groups, w_shape)
 
 
 def out_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
@@ -322,7 +328,9 @@ def blocked_weight_grad(groups: int, w_shape) -> bool:
   128 -> 128 at 28 px 52.0
   against 60.2, and the small CNN's other square layers 3-4% faster; widening ones level
   or slower (32 -> 64 at 32 px 9.7 against 9.1 ms, 3 -> 32 at 64 px 4.1 against 3.4).
-  Unmeasured on AVX-512, so left as it was there."""
+  Unmeasured on AVX-512, so left as it was there. Under ``xla_large_wgrad`` these stay on
+  oneDNN whatever their size (``takes_weight_grad``): ResNet-50's 3x3 ones (3.7e9
+  multiply-adds each) made its step 2.2% faster than on XLA (session 16)."""
   kh, kw, c, o = (int(d) for d in w_shape)
   return groups == 1 and kh * kw > 1 and c >= o and "avx512f" not in _cpu_isa()
 
