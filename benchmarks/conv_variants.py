@@ -341,7 +341,32 @@ def autodiff_max_pool_3x3_s2(x):
   return functools.reduce(jnp.maximum, library_resnet.pool_taps(x))
 
 
-NORMS = {"library": library_norm.BatchNorm, "flax": FlaxBatchNorm}
+_LIBRARY_BN_GRADS = library_norm._grads  # pylint: disable=protected-access
+
+
+def _session15_bn_grads(x, mean, var, scale, g, dmean, dvar, epsilon):
+  """``--norm=session15``: the library's BatchNorm gradient as session 15 left it, with
+  ``sum g (x - mean)`` summed from ``x - mean`` (which XLA:CPU stored as a buffer of its
+  own) instead of as ``sum g x - mean sum g``."""
+  x, mean, var = lax.optimization_barrier((x, mean, var))
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  m = x.size // x.shape[-1]
+  axes = tuple(range(x.ndim - 1))
+  r = lax.rsqrt(var + epsilon)
+  mul = r * scale.astype(acc)
+  xc = x.astype(acc) - mean
+  ga = g.astype(acc)
+  dbias, dxc = jnp.sum(ga, axes), jnp.sum(ga * xc, axes)
+  dscale = dxc * r
+  cx = -mul * r * dscale / m + 2 * dvar / m
+  c0 = -mul * dbias / m + dmean / m
+  dx = mul * ga + xc * cx + c0
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+NORMS = {"library": library_norm.BatchNorm, "flax": FlaxBatchNorm,
+         "session15": library_norm.BatchNorm}
+_BN_GRADS = {"session15": _session15_bn_grads}
 POOLS = {"library": library_resnet.max_pool_3x3_s2, "autodiff": autodiff_max_pool_3x3_s2}
 
 
@@ -354,6 +379,7 @@ def use_model_ops(norm: str = "library", pool: str = "library") -> None:
     raise ValueError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
   library_resnet.BatchNorm = NORMS[norm]
   library_lite.BatchNorm = NORMS[norm]
+  library_norm._grads = _BN_GRADS.get(norm, _LIBRARY_BN_GRADS)  # pylint: disable=protected-access
   library_resnet.max_pool_3x3_s2 = POOLS[pool]
 
 
