@@ -345,7 +345,8 @@ _LIBRARY_BN_GRADS = library_norm._grads  # pylint: disable=protected-access
 
 
 def _session15_bn_grads(x, mean, var, scale, g, dmean, dvar, epsilon):
-  """``--norm=session15``: the library's BatchNorm gradient as session 15 left it, with
+  """``--norm=session15``: the library's BatchNorm as session 15 left it (its block outputs
+  not ``dnnl.stored``, as with ``--norm=no_stored``), its gradient with
   ``sum g (x - mean)`` summed from ``x - mean`` (which XLA:CPU stored as a buffer of its
   own) instead of as ``sum g x - mean sum g``."""
   x, mean, var = lax.optimization_barrier((x, mean, var))
@@ -365,8 +366,9 @@ def _session15_bn_grads(x, mean, var, scale, g, dmean, dvar, epsilon):
 
 
 NORMS = {"library": library_norm.BatchNorm, "flax": FlaxBatchNorm,
-         "session15": library_norm.BatchNorm}
+         "no_stored": library_norm.BatchNorm, "session15": library_norm.BatchNorm}
 _BN_GRADS = {"session15": _session15_bn_grads}
+_LIBRARY_STORED = library_dnnl.stored
 POOLS = {"library": library_resnet.max_pool_3x3_s2, "autodiff": autodiff_max_pool_3x3_s2}
 
 
@@ -380,6 +382,8 @@ def use_model_ops(norm: str = "library", pool: str = "library") -> None:
   library_resnet.BatchNorm = NORMS[norm]
   library_lite.BatchNorm = NORMS[norm]
   library_norm._grads = _BN_GRADS.get(norm, _LIBRARY_BN_GRADS)  # pylint: disable=protected-access
+  library_dnnl.stored = ((lambda x: x) if norm in ("no_stored", "session15")
+                         else _LIBRARY_STORED)
   library_resnet.max_pool_3x3_s2 = POOLS[pool]
 
 

@@ -86,10 +86,13 @@ def parse_args(argv=None):
                       "(benchmarks/conv_variants.py): library, no_dnnl, lax, tap_matmul_dw, "
                       "dw_batch_split, no_pointwise, no_strided, taps_autodiff, "
                       "dw_strided_autodiff")
-  g.add_argument("--norm", default="library", choices=["library", "flax"],
+  g.add_argument("--norm", default="library",
+                 choices=["library", "flax", "no_stored", "session15"],
                  help="ResNet-50's and EfficientNet-Lite's BatchNorm, for experiments: library "
-                      "(hand-written gradient, activation and residual fused) or flax "
-                      "(flax.linen.BatchNorm, autodiff)")
+                      "(hand-written gradient, activation and residual fused), flax "
+                      "(flax.linen.BatchNorm, autodiff), no_stored (library, block outputs "
+                      "not dnnl.stored) or session15 (no_stored, and its gradient summing "
+                      "g (x - mean))")
   g.add_argument("--pool", default="library", choices=["library", "autodiff"],
                  help="ResNet-50's 3x3/2 max-pool, for experiments: library (hand-written "
                       "gradient) or autodiff (of nine strided slices)")

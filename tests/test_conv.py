@@ -346,3 +346,20 @@ def test_session15_variant_keeps_large_square_weight_grads_on_xla_until_restored
       finally:
         conv_variants.use("library")
       assert dnnl.takes_weight_grad is conv_variants._LIBRARY_TAKES_WEIGHT_GRAD
+
+
+def test_norm_variants_swap_stored_and_the_gradient_until_library_is_restored():
+  """``--norm=no_stored`` traces BatchNorm without ``dnnl.stored``, ``--norm=session15``
+  also with session 15's gradient; ``use_model_ops()`` restores the library's."""
+  from benchmarks import conv_variants
+  from sdl_jax.models import dnnl, norm
+  x = jnp.arange(6.0)
+  for name, grads_swapped in (("no_stored", False), ("session15", True)):
+    try:
+      conv_variants.use_model_ops(norm=name)
+      assert dnnl.stored(x) is x
+      assert (norm._grads is conv_variants._session15_bn_grads) == grads_swapped
+    finally:
+      conv_variants.use_model_ops()
+    assert dnnl.stored is conv_variants._LIBRARY_STORED
+    assert norm._grads is conv_variants._LIBRARY_BN_GRADS

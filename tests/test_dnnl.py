@@ -477,6 +477,41 @@ def test_after_is_exact_and_the_dependency_survives_compilation():
   assert param and entry.count(f"%{param.group(1)}") >= 2, entry  # declared and read
 
 
+@needs_dnnl
+def test_stored_is_the_identity_and_its_consumers_read_the_stored_buffer():
+  """``stored(y)`` is ``y`` bit for bit, with the identity's gradient; compiled, the
+  custom call is there and the two elementwise consumers of its result read it instead of
+  recomputing ``y`` from ``x`` and ``r`` (which XLA:CPU does without it)."""
+  rng = np.random.default_rng(1)
+  x, r = (jnp.asarray(rng.normal(size=(4, 6, 5, 8)), jnp.float32) for _ in range(2))
+
+  def f(store):
+    def fn(x, r):
+      y = jnp.maximum(x * 1.5 + r, 0)
+      y = dnnl.stored(y) if store else y
+      return jnp.sin(y) + x, y * 3 - r
+    return fn
+
+  for got, want in zip(jax.jit(f(True))(x, r), jax.jit(f(False))(x, r)):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(dnnl.stored(x), x)
+  loss = lambda store: lambda x, r: sum(jnp.sum(o) for o in f(store)(x, r))
+  for got, want in zip(jax.grad(loss(True), argnums=(0, 1))(x, r),
+                       jax.grad(loss(False), argnums=(0, 1))(x, r)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+  def fusions_reading_both(store):
+    hlo = jax.jit(f(store)).lower(x, r).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    names = [re.search(rf"%(\S+) = f32\[4,6,5,8\]\{{[^}}]*\}} parameter\({i}\)", entry)
+             .group(1) for i in (0, 1)]
+    return hlo, [line for line in entry.splitlines() if " fusion(" in line
+                 and all(f"%{n}" in line for n in names)]
+  hlo, both = fusions_reading_both(True)
+  assert dnnl.STORED_TARGET in hlo and len(both) <= 1, both  # y's own fusion only
+  assert len(fusions_reading_both(False)[1]) >= 2  # without it, y recomputed in each
+
+
 def test_blocked_weight_grad_rule(monkeypatch):
   """oneDNN's weight gradient on its blocked layout: dense, larger than 1x1, not widening,
   and only without AVX-512 (where it was measured)."""

@@ -83,6 +83,7 @@ SOURCE = Path(__file__).with_name("csrc") / "dnnl_conv.cc"
 ENV = "SDL_JAX_DNNL"
 TARGETS = {"fwd": "SdlDnnlConvFwd", "bwd_data": "SdlDnnlConvBwdData",
            "bwd_weights": "SdlDnnlConvBwdWeights"}
+STORED_TARGET = "SdlStored"  # ``stored``'s identity, in the same library
 _log = logging.getLogger(__name__)
 
 
@@ -155,7 +156,7 @@ def _load() -> str | None:
   global _version
   try:
     lib = ctypes.cdll.LoadLibrary(str(build()))
-    for name in TARGETS.values():
+    for name in (*TARGETS.values(), STORED_TARGET):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     _version = int(lib.SdlDnnlVersion())
     global _bf16
@@ -377,6 +378,35 @@ def _weight_grad(x, dy, w_shape, strides, padding, groups):
 
 def _conv_fwd(x, w, strides, padding, groups):
   return conv(x, w, strides, padding, groups), (x, w)
+
+
+def stored(x):
+  """``x``, which every op that uses it reads from the buffer it is stored in: the identity
+  as a custom call (``SdlStored``, its result aliasing ``x``, so nothing is copied) where
+  the library is loaded (``available()``; CPU only: call it on the CPU paths), else ``x``
+  itself. Differentiable (its JVP is the identity).
+
+  Why: XLA:CPU fuses an elementwise op into each of its consumers, computing it again in
+  each, even when it is stored anyway for a custom call (a convolution) that reads it. In
+  ResNet-50 a block's output ``relu(bn(x) + residual)`` is the next block's residual, so
+  each block's BatchNorm-add-ReLU fusion (forward, and the ReLU mask of the backward pass)
+  recomputed every earlier block's output in its stage from their convolutions' outputs,
+  reading up to four activation-sized tensors instead of two (README, "Performance",
+  session 16). ``lax.optimization_barrier`` does not stop it: XLA removes it before
+  fusing.
+  """
+  return _stored(x) if available() else x
+
+
+@jax.custom_jvp
+def _stored(x):
+  return jax.ffi.ffi_call(STORED_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          input_output_aliases={0: 0})(x)
+
+
+@_stored.defjvp
+def _stored_jvp(primals, tangents):
+  return _stored(primals[0]), tangents[0]
 
 
 def after(a, b):

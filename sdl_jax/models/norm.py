@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdl_jax.models import kernels
+from sdl_jax.models import dnnl, kernels
 
 
 def batch_norm_train(x, scale, bias, epsilon, activation=None, residual=None):
@@ -138,6 +138,11 @@ def _batch_norm_add_relu_fwd(x, residual, scale, bias, epsilon):
   mean, var = _stats(x)
   y = _affine(x, mean, var, scale, bias, epsilon)
   y = jnp.maximum(y + residual.astype(y.dtype), 0).astype(x.dtype)
+  if kernels.hand_paths():
+    # y is the next residual block's input and residual: stored, so that XLA:CPU does not
+    # recompute it (and each earlier block's output before it) inside every fusion that
+    # reads it (dnnl.stored).
+    y = dnnl.stored(y)
   return (y, mean, var), (x, mean, var, scale, y)
 
 

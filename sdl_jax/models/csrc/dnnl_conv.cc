@@ -11,6 +11,8 @@
 //   SdlDnnlConvFwd        (x, w)  -> y
 //   SdlDnnlConvBwdData    (dy, w) -> dx   (dx's shape is the result buffer's)
 //   SdlDnnlConvBwdWeights (x, dy) -> dw   (dw's shape is the result buffer's)
+// and one that is not oneDNN's: SdlStored (x) -> x, the identity, called with its result
+// aliasing its operand (see it below).
 // Attribute ``blocked`` (weight gradient only): oneDNN picks the layout of x and dy too,
 // and they are reordered to it; otherwise oneDNN keeps the activations in NHWC (no
 // reorders of the large tensors). It picks the weights' layout; weights are reordered
@@ -21,6 +23,7 @@
 // built it (two devices running the same weight gradient at once deadlocked in it).
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -250,6 +253,20 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
 SDL_DNNL_HANDLER(SdlDnnlConvFwd, kFwd)
 SDL_DNNL_HANDLER(SdlDnnlConvBwdData, kBwdData)
 SDL_DNNL_HANDLER(SdlDnnlConvBwdWeights, kBwdWeights)
+
+// The identity, for sdl_jax.models.dnnl.stored: XLA cannot fuse through a custom call, so
+// whatever reads the result reads the buffer the operand was stored in, rather than a
+// fused recomputation of the operand from its own inputs. Called with the result aliasing
+// the operand (input_output_aliases), it does nothing; it copies only where XLA gave it
+// two buffers.
+static ffi::Error SdlStoredImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+  if (out->untyped_data() != x.untyped_data()) {
+    std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
+}
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SdlStored, SdlStoredImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 // The oneDNN version in use, major * 10000 + minor * 100 + patch (3.2.0: 30200).
 extern "C" int SdlDnnlVersion() {
