@@ -68,6 +68,7 @@ from sdl_jax.models import dnnl as library_dnnl
 from sdl_jax.models import efficientnet_lite as library_lite
 from sdl_jax.models import norm as library_norm
 from sdl_jax.models import resnet as library_resnet
+from sdl_jax.models import small_cnn as library_small_cnn
 
 _DN = ("NHWC", "HWIO", "NHWC")
 MODEL_MODULES = ("sdl_jax.models.small_cnn", "sdl_jax.models.vgg", "sdl_jax.models.resnet",
@@ -322,7 +323,7 @@ VARIANTS = {
 class FlaxBatchNorm(library_norm.BatchNorm):
   """``--norm=flax``: ``flax.linen.BatchNorm`` (autodiff gradient), then the residual and the
   activation as separate ops: ResNet-50's normalisation before session 5, EfficientNet-Lite's
-  before session 7. The attributes and call of ``sdl_jax.models.norm.BatchNorm``; its
+  before session 7, the small CNN's before session 16. The attributes and call of ``sdl_jax.models.norm.BatchNorm``; its
   variables sit one level deeper (benchmarks only)."""
 
   @nn.compact
@@ -373,14 +374,15 @@ POOLS = {"library": library_resnet.max_pool_3x3_s2, "autodiff": autodiff_max_poo
 
 
 def use_model_ops(norm: str = "library", pool: str = "library") -> None:
-  """Makes ResNet-50 and EfficientNet-Lite build their BatchNorm from variant ``norm``, and
-  ResNet-50 its max-pool from ``pool``."""
+  """Makes ResNet-50, EfficientNet-Lite and the small CNN build their BatchNorm from variant
+  ``norm``, and ResNet-50 its max-pool from ``pool``."""
   if norm not in NORMS:
     raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {norm!r}")
   if pool not in POOLS:
     raise ValueError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
   library_resnet.BatchNorm = NORMS[norm]
   library_lite.BatchNorm = NORMS[norm]
+  library_small_cnn.BatchNorm = NORMS[norm]
   library_norm._grads = _BN_GRADS.get(norm, _LIBRARY_BN_GRADS)  # pylint: disable=protected-access
   library_dnnl.stored = ((lambda x: x) if norm in ("no_stored", "session15")
                          else _LIBRARY_STORED)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from sdl_jax.models.conv import conv_general_dilated
+from sdl_jax.models.norm import BatchNorm
 
 
 def max_pool_2x2(x):
@@ -67,7 +68,9 @@ _max_pool_2x2_even.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 class SmallCNN(nn.Module):
   """Conv-BN-ReLU blocks (two 3x3 convs each, then a 2x2 max-pool), global average pool,
-  dropout, and a dense head named ``head``.
+  dropout, and a dense head named ``head``. BatchNorm is ``sdl_jax.models.norm``'s (the
+  variables of ``flax.linen.BatchNorm``: ``bn{i}_{j}`` with ``scale``/``bias`` and
+  ``batch_stats`` ``mean``/``var``).
 
   Input float ``[N, H, W, 3]``; output logits float32 ``[N, num_classes]``.
   ``stem_stride`` > 1 strides the very first convolution.
@@ -82,15 +85,17 @@ class SmallCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype,
                              conv_general_dilated=conv_general_dilated)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    # The library's BatchNorm (flax's variables and numbers, its gradient by hand) with the
+    # ReLU inside it (session 16; flax's BatchNorm and nn.relu before).
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype, activation="relu")
     x = x.astype(self.dtype)
     for i, w in enumerate(self.widths):
       for j in range(2):
         # A strided first conv quarters the cost of the whole net on larger inputs.
         strides = (self.stem_stride,) * 2 if i == j == 0 else (1, 1)
         x = conv(w, strides=strides, name=f"conv{i}_{j}")(x)
-        x = nn.relu(norm(name=f"bn{i}_{j}")(x))
+        x = norm(name=f"bn{i}_{j}")(x)
       x = max_pool_2x2(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
