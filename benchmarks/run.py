@@ -88,7 +88,7 @@ def parse_args(argv=None):
                       "dw_strided_autodiff")
   g.add_argument("--norm", default="library",
                  choices=["library", "flax", "no_stored", "session15"],
-                 help="ResNet-50's and EfficientNet-Lite's BatchNorm, for experiments: library "
+                 help="The BatchNorm of ResNet-50, EfficientNet-Lite and the small CNN: library "
                       "(hand-written gradient, activation and residual fused), flax "
                       "(flax.linen.BatchNorm, autodiff), no_stored (library, block outputs "
                       "not dnnl.stored) or session15 (no_stored, and its gradient summing "
