@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
-from benchmarks import WARMUP_STEPS
+from benchmarks import WARMUP_STEPS, warm_up
 
 
 def main(argv=None) -> dict:
@@ -68,9 +68,7 @@ def main(argv=None) -> dict:
       t = jax_train.JaxTrainer(config, images, labels, dists)
       print(f"{v}: compiled in {t.compile(options):.1f} s, XLA temporaries "
             f"{t.memory()['temporaries'] / 2**20:.0f} MiB", flush=True)
-      for _ in range(args.warmup):
-        t.step()
-      t.sync()
+      warm_up(t, args.warmup)
       trainers[v] = t
   finally:
     conv_variants.use("library")

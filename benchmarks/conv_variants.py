@@ -220,10 +220,10 @@ def _session15_takes_weight_grad(groups, x_shape, w_shape, strides, padding):
   """``dnnl.takes_weight_grad`` as session 15 left it: under ``xla_large_wgrad`` every
   dense KxK weight gradient of ``LARGE_WGRAD_MACS`` or more on XLA, whatever its shape."""
   if (library_dnnl.mode() == "xla_large_wgrad" and groups == 1
-      and int(w_shape[0]) * int(w_shape[1]) > 1):
-    n, ho, wo, _ = library_dnnl.out_shape(x_shape, w_shape, strides, padding)
-    if n * ho * wo * math.prod(int(d) for d in w_shape) >= library_dnnl.LARGE_WGRAD_MACS:
-      return False
+      and int(w_shape[0]) * int(w_shape[1]) > 1
+      and (library_dnnl.weight_grad_macs(x_shape, w_shape, strides, padding)
+           >= library_dnnl.LARGE_WGRAD_MACS)):
+    return False
   return _LIBRARY_TAKES_WEIGHT_GRAD(groups, x_shape, w_shape, strides, padding)
 
 
@@ -323,8 +323,9 @@ VARIANTS = {
 class FlaxBatchNorm(library_norm.BatchNorm):
   """``--norm=flax``: ``flax.linen.BatchNorm`` (autodiff gradient), then the residual and the
   activation as separate ops: ResNet-50's normalisation before session 5, EfficientNet-Lite's
-  before session 7, the small CNN's before session 16. The attributes and call of ``sdl_jax.models.norm.BatchNorm``; its
-  variables sit one level deeper (benchmarks only)."""
+  before session 7, the small CNN's before session 16. The attributes and call of
+  ``sdl_jax.models.norm.BatchNorm``; its variables sit one level deeper (benchmarks
+  only)."""
 
   @nn.compact
   def __call__(self, x, residual=None):

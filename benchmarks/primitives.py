@@ -39,7 +39,7 @@ import sys
 import numpy as np
 
 from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
-from benchmarks import WARMUP_STEPS
+from benchmarks import warm_up, write_report
 
 FRAMEWORKS = ("jax", "torch")
 _START, _END = "=====sdl_jax primitives start", "=====sdl_jax primitives end"
@@ -100,9 +100,7 @@ def _child(args) -> None:
     from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(perf.cpu_count())
     trainer = torch_train.TorchTrainer(args.model, dists.shape[1], images, labels, dists)
-  for _ in range(WARMUP_STEPS):
-    trainer.step()
-    trainer.sync()
+  warm_up(trainer)
   print(_START, flush=True)
   step_s = [perf.timed_step(trainer.step, trainer.sync)[0] for _ in range(args.steps)]
   print(f"{_END} {json.dumps(step_s)}", flush=True)
@@ -192,11 +190,7 @@ def main(argv=None) -> dict | None:
             "sum_ms": {f: sum(r["ms_per_step"] for k, r in summaries[f].items()
                               if k[0] != "gemm_api") for f in FRAMEWORKS},
             "rows": compare(summaries["jax"], summaries["torch"])}
-  print(markdown(report), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
-  return report
+  return write_report(report, markdown(report), args.out)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ each framework in a process of its own, as ``benchmarks.run`` does.
 
 JAX: after compiling and three warm-up steps (``benchmarks.WARMUP_STEPS``), ``--steps``
 steps run under ``jax.profiler``; every traced event whose name is an instruction of the
-compiled step (the optimised HLO) is one op's run. Reported per step: the wall time, the sum of the
-ops' times, the time at least one op ran ("busy") and at least two ran at once
+compiled step (the optimised HLO) is one op's run. Reported per step: the wall time, the
+sum of the ops' times, the time at least one op ran ("busy") and at least two ran at once
 ("concurrent": XLA:CPU runs independent ops on its pool's threads side by side, and then
 each one's time includes waiting for the cores), and the ops grouped by kind (oneDNN's
 three convolution directions, XLA's own convolutions, ``ynn_fusion`` reductions, the
@@ -42,8 +42,8 @@ import tempfile
 import numpy as np
 
 from sdl_jax import perf  # first: it sets the XLA:CPU flags before JAX starts
-from benchmarks import WARMUP_STEPS
 from sdl_jax.models import dnnl
+from benchmarks import warm_up, write_report
 
 ONEDNN_TARGETS = {dnnl.TARGETS[d]: f"oneDNN conv {label}" for d, label in (
     ("fwd", "forward"), ("bwd_data", "input grad"), ("bwd_weights", "weight grad"))}
@@ -137,9 +137,7 @@ def profile_jax(name, images, labels, dists, steps: int, trace_dir: str,
   config = jax_train.bench_config(name, batch=images.shape[0], model_kwargs=model_kwargs)
   trainer = jax_train.JaxTrainer(config, images, labels, dists)
   trainer.compile()
-  for _ in range(WARMUP_STEPS):
-    trainer.step()
-    trainer.sync()
+  warm_up(trainer)
   jax.profiler.start_trace(trace_dir)
   try:
     step_s = [perf.timed_step(trainer.step, trainer.sync)[0] for _ in range(steps)]
@@ -163,8 +161,7 @@ def profile_torch(name, images, labels, dists, steps: int, model_kwargs=None) ->
   torch.set_num_threads(perf.cpu_count())
   trainer = torch_train.TorchTrainer(name, dists.shape[1], images, labels, dists,
                                      model_kwargs=model_kwargs)
-  for _ in range(WARMUP_STEPS):
-    trainer.step()
+  warm_up(trainer)
   with profile(activities=[ProfilerActivity.CPU]) as prof:
     step_s = [perf.timed_step(trainer.step, trainer.sync)[0] for _ in range(steps)]
   ops = [{"name": ev.key, "ms": ev.self_cpu_time_total / 1e3 / steps,
@@ -230,11 +227,7 @@ def main(argv=None) -> dict:
             "image_size": size, "steps": args.steps,
             "command": "python -m benchmarks.profile " + " ".join(argv),
             "result": result}
-  print(markdown(report, args.top), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
-  return report
+  return write_report(report, markdown(report, args.top), args.out)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -305,9 +306,14 @@ def takes_weight_grad(groups: int, x_shape, w_shape, strides, padding) -> bool:
     return True
   if m != "xla_large_wgrad":
     return False
+  return (weight_grad_macs(x_shape, w_shape, strides, padding) < LARGE_WGRAD_MACS
+          or blocked_weight_grad(groups, w_shape))
+
+
+def weight_grad_macs(x_shape, w_shape, strides, padding) -> int:
+  """Multiply-adds of a dense convolution's weight gradient: ``N Ho Wo kh kw C O``."""
   n, ho, wo, _ = out_shape(x_shape, w_shape, strides, padding)
-  macs = n * ho * wo * kh * kw * int(w_shape[2]) * int(w_shape[3])
-  return macs < LARGE_WGRAD_MACS or blocked_weight_grad(groups, w_shape)
+  return n * ho * wo * math.prod(int(d) for d in w_shape)
 
 
 def out_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
