@@ -152,7 +152,7 @@ def _synthetic(c):
   c.log_every_steps = 50
 
 
-def _paper(c, data_name="flickr_ldl"):
+def _paper(c):
   """The authors' released Caffe recipe, setting by setting.
 
   Release: github.com/sherleens/EmotionDistributionLearning, commit 71d992e6. "solver" is
@@ -161,7 +161,9 @@ def _paper(c, data_name="flickr_ldl"):
   Each line names its source; "here" marks where this preset differs, and why.
   """
   c.name = "paper"
-  c.data.name = data_name
+  # The release's data are LMDBs it does not ship (README: "coming soon"), so its split
+  # is unknown; here Flickr_LDL with the paper's seeded 80/5/15 split (data.split_*).
+  c.data.name = "flickr_ldl"
   # net: VGG_ILSVRC_16_layers, fine-tuned from run's --weights
   # VGG_ILSVRC_16_layers.caffemodel (Caffe, BGR input). Here: a torchvision-layout
   # state dict you supply (vgg16-397923af.pth, RGB input), as no package ships VGG-16
