@@ -22,10 +22,15 @@ Presets:
   CPU core with a second run on the other, see RESULTS.md); needs
   ``--config.data.path`` (the folder holding ``FER2013Train`` etc., or the
   ``ferplus.tar.gz`` archive itself).
-* ``paper``: the authors' released Caffe recipe on Flickr_LDL: ImageNet VGG-16 with a new
-  10x-rate head, base lr 1e-4, momentum 0.9, weight decay 5e-3, dropout 0.5, step decay,
-  squash-resize to 256 then random 224 crop + mirror, batch 32. The ImageNet weights are
-  a file you supply: ``--config.pretrained=/path/to/vgg16.pth`` (torchvision layout).
+* ``paper``: the authors' released Caffe recipe (github.com/sherleens/
+  EmotionDistributionLearning, commit 71d992e6) on Flickr_LDL: ImageNet VGG-16 with a
+  new head at 10x the rate (biases 2x), base lr 1e-4, momentum 0.9, weight decay 5e-3 on
+  weights and biases, dropout 0.5, 3000 iterations of batch 32 at a constant rate (the
+  release's step of 10000 iterations is never reached), squash-resize to 256 then random
+  224 crop + mirror, centre crop at test. Where it differs from the release (input
+  normalisation and weights, head initialisation, test-time mirroring) ``_paper`` says so
+  beside the setting. The ImageNet weights are a file you supply:
+  ``--config.pretrained=/path/to/vgg16.pth`` (torchvision layout).
 """
 
 from __future__ import annotations
@@ -63,9 +68,12 @@ def _base() -> ml_collections.ConfigDict:
   c.schedule = "step"        # step | cosine | constant
   c.warmup_steps = 0
   c.step_size_epochs = 10.0  # step schedule: decay every this many epochs ...
+  # ... or every this many steps (Caffe's stepsize) when set ...
+  c.step_size_steps = config_dict.placeholder(int)
   c.gamma = 0.1              # ... by this factor
   c.head_lr_mult = 10.0      # new head's rate multiplier (fine-tuning)
   c.bias_lr_mult = 2.0       # biases' rate multiplier, as in Caffe prototxts
+  c.bias_decay_mult = 0.0    # biases' weight-decay multiplier (Caffe's decay_mult)
 
   # Input pipeline.
   c.image_size = 224
@@ -109,6 +117,9 @@ def _base() -> ml_collections.ConfigDict:
   d.split_fractions = (0.8, 0.05, 0.15)
   d.split_file = config_dict.placeholder(str)
   d.strategy = "combined"    # single-label sets: implication | exclusion | combined
+  # Their Gaussian: distance wheel (round Mikels' wheel) | index (along the class order,
+  # as the authors' release); defaults are ours (sdl_jax/distributions.py says why).
+  d.distance = "wheel"       # = sdl_jax.distributions.DEFAULT_DISTANCE
   d.sigma = 1.0              # = sdl_jax.distributions.DEFAULT_SIGMA
   d.eps = 0.1                # = sdl_jax.distributions.DEFAULT_EPS
   d.lenient = False          # skip bad label rows (logged, counted) instead of failing
@@ -141,34 +152,88 @@ def _synthetic(c):
   c.log_every_steps = 50
 
 
-def _paper(c, data_name="flickr_ldl"):
-  c.name = "paper" if data_name == "flickr_ldl" else data_name
-  c.data.name = data_name
+def _paper(c):
+  """The authors' released Caffe recipe, setting by setting.
+
+  Release: github.com/sherleens/EmotionDistributionLearning, commit 71d992e6. "solver" is
+  prototxt/vgg_solver1.prototxt, "net" prototxt/vgg_train_val16_1.prototxt, "run"
+  prototxt/train_vgg_gs.sh, "loss" caffe_KL/src/caffe/layers/softmax_*kl_loss_layer.cpp.
+  Each line names its source; "here" marks where this preset differs, and why.
+  """
+  c.name = "paper"
+  # The release's data are LMDBs it does not ship (README: "coming soon"), so its split
+  # is unknown; here Flickr_LDL with the paper's seeded 80/5/15 split (data.split_*).
+  c.data.name = "flickr_ldl"
+  # net: VGG_ILSVRC_16_layers, fine-tuned from run's --weights
+  # VGG_ILSVRC_16_layers.caffemodel (Caffe, BGR input). Here: a torchvision-layout
+  # state dict you supply (vgg16-397923af.pth, RGB input), as no package ships VGG-16
+  # weights: --config.pretrained=/path/to/vgg16.pth; without it VGG-16 trains from
+  # scratch (with a warning).
   c.model = "vgg16"
-  # ImageNet VGG-16 weights are not shipped with any package: point this at a
-  # torchvision-layout state dict (vgg16-397923af.pth), e.g.
-  # --config.pretrained=/path/to/vgg16.pth. Without it VGG-16 trains from scratch
-  # (with a warning).
   c.pretrained = config_dict.placeholder(str)
-  c.model_kwargs = ml_collections.ConfigDict({"dropout_rate": 0.5})
-  c.image_size = 224
+  c.model_kwargs = ml_collections.ConfigDict({"dropout_rate": 0.5})  # net drop6, drop7
+  # net my_fc8: num_output 7 ("change to corresponding class number"): here the data
+  # set's C. It has no weight_filler, so Caffe starts it at 0; here flax's default
+  # (LeCun-normal kernel, zero bias), the model's own initialisation.
+  # net: loss1 SoftmaxWithKLLoss (cross-entropy to the distribution) loss_weight 0.8,
+  # loss2 SoftmaxWithMyKLLoss (cross-entropy to the distribution's arg-max) 0.2.
+  c.lam = 0.8
+  c.batch_size = 32          # net data_param batch_size: 32
+  c.learning_rate = 1e-4     # solver base_lr: 0.0001
+  c.momentum = 0.9           # solver momentum: 0.9
+  c.weight_decay = 5e-3      # solver weight_decay: 0.005
+  c.bias_decay_mult = 1.0    # net: no decay_mult anywhere; Caffe's default 1 decays biases
+  c.bias_lr_mult = 2.0       # net: lr_mult 1 (weights), 2 (biases) on the VGG layers
+  c.head_lr_mult = 10.0      # net my_fc8: lr_mult 10 (weights), 20 (biases)
+  c.schedule = "step"        # solver lr_policy: "step"
+  c.gamma = 0.1              # solver gamma: 0.1
+  c.step_size_steps = 10_000  # solver stepsize: 10000 (iterations)
+  c.warmup_steps = 0
+  # solver max_iter: 3000, below the stepsize, so the rate stays 1e-4 throughout.
+  # 3000 x 32 images are 10.8 epochs of Flickr_LDL's 8,920 training images; the net's
+  # num_output 7 suggests the release was last set up for Emotion6 (7 classes, 1,584
+  # training images: 61 epochs).
+  c.num_train_steps = 3000
+  c.log_every_steps = 20     # solver display: 20
+  # solver test_interval: 100 (test_iter 19 batches of the test LMDB); here the whole
+  # validation split every 100 steps.
+  c.eval_every_steps = 100
+  c.checkpoint_every_steps = 1000  # solver snapshot: 1000
+  # Input. The release's images are squashed when its LMDB is written
+  # (caffe_KL/tools/convert_imageset_r.cpp: cv::resize to --resize_height/--resize_width,
+  # bilinear); the size it used is not in the release. Here 256, Caffe's ImageNet
+  # convention, and an antialiased bilinear resize.
   c.resize_size = 256
-  c.learning_rate = 1e-4
-  c.momentum = 0.9
-  c.weight_decay = 5e-3
-  c.head_lr_mult = 10.0
-  c.bias_lr_mult = 2.0
-  c.schedule = "step"
-  c.step_size_epochs = 10.0
-  c.gamma = 0.1
-  c.num_epochs = 30.0
-  c.batch_size = 32
+  c.image_size = 224         # net crop_size: 224, random in TRAIN, the centre in TEST
+  c.crop = "random"
+  c.flip = True              # net TRAIN mirror: true
+  # net TEST mirror: true, which in Caffe mirrors each test image at random (p = 1/2).
+  # Here evaluation is deterministic: no mirror (or --config.eval_flip=True: the mean of
+  # both predictions).
+  c.eval_flip = False
+  # net mean_file emotion_mean.binaryproto: the per-pixel mean image of the authors'
+  # training LMDB, subtracted from BGR pixels in 0..255, no scale (the commented-out
+  # alternative is mean_value 104, 117, 123, ImageNet's BGR means), as the Caffe VGG-16
+  # weights expect. Here the torchvision weights' own normalisation, RGB,
+  # (x - 255 * (0.485, 0.456, 0.406)) / (255 * (0.229, 0.224, 0.225)) (the model spec,
+  # used by sdl_jax/data/pipeline.py _normaliser): those weights were trained on it.
+  # Single-label targets (a folders data set): loss's commented-out Gaussian: the
+  # combined strategy along the class index, sigma 0.45, ee (eps) 0; see
+  # sdl_jax/distributions.py (RELEASED_*).
+  c.data.strategy = "combined"
+  c.data.distance = "index"
+  c.data.sigma = 0.45
+  c.data.eps = 0.0
 
 
 def _published(c, data_name):
-  """The paper's protocol on a published set, with EfficientNet-Lite2 from ImageNet."""
-  _paper(c, data_name)
+  """The paper's protocol on a published set, with EfficientNet-Lite2 from ImageNet.
+
+  The optimiser is the released recipe's (SGD momentum 0.9, new head 10x, biases 2x:
+  the base config's values) with a rate, decay and schedule suited to Lite2.
+  """
   c.name = data_name
+  c.data.name = data_name
   c.model = "efficientnet_lite2"
   c.pretrained = "efficientnet_lite2"
   c.model_kwargs = ml_collections.ConfigDict({"dropout_rate": 0.2})

@@ -6,19 +6,44 @@ never inside a jitted step.
 * Votes: ``l = votes / sum(votes)``; 11 annotators voting 5, 3, 3 give
   ``[5/11, 3/11, 3/11, 0, ...]``. The dominant label ``y`` is the arg-max, first index on
   ties (as the authors' released code did, and as ``np.argmax`` does).
-* Single label ``mu`` on Mikels' wheel (Yang, She, Sun 2017, Sec. 3.2):
+* Single label ``mu`` (Yang, She, Sun 2017, Sec. 3.2):
 
   - implication: ``f(i) = 1 / sqrt(2 pi sigma) * exp(-d(i, mu)^2 / (2 sigma^2)) + eps / C``,
-    normalised to sum 1, with ``d`` the distance on the wheel (``min(|i-j|, C-|i-j|)``
-    wheel positions);
+    normalised to sum 1;
   - exclusion: uniform over the emotions of the dominant one's polarity, 0 elsewhere;
   - combined (the authors' released code): the implication weights, kept only inside the
     dominant polarity, normalised.
 
-Defaults ``sigma = 1.0`` (one wheel step: neighbours on the wheel get ``exp(-1/2)`` of the
-peak) and ``eps = 0.1`` (a small floor so that no emotion has probability 0). The paper's
-text fixes neither number; these are our choices, exposed as config fields
-``config.sigma`` / ``config.eps``.
+  The distance ``d`` (``distance=``) is one of ``DISTANCES``:
+
+  - ``'wheel'`` (our default): positions round Mikels' wheel,
+    ``min(|wi - wj|, C - |wi - wj|)``, so that emotions next to each other on the wheel
+    are near whatever their order in the data set;
+  - ``'index'``: ``|i - j|`` along the data set's class order, as the authors' released
+    code computes it (see below). For Mikels-8 that order is amusement, awe, contentment,
+    excitement | anger, disgust, fear, sadness, which is not the wheel's order.
+
+Settings and their sources:
+
+* ours (``DEFAULT_*``): ``distance='wheel'``, ``sigma = 1.0`` (one wheel step: the wheel
+  neighbours get ``exp(-1/2)`` of the peak), ``eps = 0.1`` (a floor so that the
+  implication strategy gives no emotion probability 0). The paper's Sec. 3.2 gives the
+  formula; the numbers are our choice.
+* the authors' release (``RELEASED_*``): ``distance='index'``, ``sigma = 0.45``,
+  ``eps = 0``, with the combined strategy. Source: github.com/sherleens/
+  EmotionDistributionLearning, commit 71d992e6, file
+  caffe_KL/src/caffe/layers/softmax_my_kl_loss_layer.cpp: line 9 ``#define ee 0``; in
+  ``Forward_cpu`` (from about line 103) and again in ``Backward_cpu``, a commented-out
+  block ``double sigma = 0.45, mu = 0;`` that builds ``m_pro[i][j] = 1/(sqrt(2 pi) sigma)
+  exp(-(j - mu)^2 / (2 sigma^2))`` with ``mu = i`` (class indices), sets
+  ``m_pro[i][j] = ee`` for ``j`` of the other polarity (``j > 3`` for ``i < 4`` and
+  ``j < 4`` for ``i >= 4``), and normalises each row. That code is commented out in the
+  release (its final loss layers read vote distributions), so these are the settings of
+  the authors' single-label experiments as far as the release shows them. Two details
+  differ from the formula here and do not matter at the released ``eps = 0``: the
+  release's constant factor ``1/(sqrt(2 pi) sigma)`` (cancelled by the normalisation), and
+  its ``ee``, which is written onto the other polarity rather than added to every
+  emotion.
 """
 
 from __future__ import annotations
@@ -27,8 +52,15 @@ import numpy as np
 
 from sdl_jax.emotions import Taxonomy
 
+DISTANCES = ("wheel", "index")
+
+DEFAULT_DISTANCE = "wheel"
 DEFAULT_SIGMA = 1.0
 DEFAULT_EPS = 0.1
+
+RELEASED_DISTANCE = "index"
+RELEASED_SIGMA = 0.45
+RELEASED_EPS = 0.0
 
 
 def from_votes(votes) -> np.ndarray:
@@ -84,12 +116,26 @@ def _check_labels(labels, taxonomy: Taxonomy) -> np.ndarray:
   return labels
 
 
-def _gaussian_weights(labels, taxonomy, sigma, eps):
+def emotion_distances(taxonomy: Taxonomy, distance: str = DEFAULT_DISTANCE) -> np.ndarray:
+  """Distances between the taxonomy's emotions, int32 ``[C, C]``.
+
+  ``'wheel'``: ``taxonomy.wheel_distances()`` (needs a wheel); ``'index'``:
+  ``|i - j|`` over class indices in the data set's order (any taxonomy).
+  """
+  if distance == "wheel":
+    return taxonomy.wheel_distances()
+  if distance == "index":
+    i = np.arange(taxonomy.num_classes)
+    return np.abs(i[:, None] - i[None, :]).astype(np.int32)
+  raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
+
+
+def _gaussian_weights(labels, taxonomy, sigma, eps, distance):
   if not sigma > 0:
     raise ValueError(f"sigma must be > 0, got {sigma}")
   if not eps >= 0:
     raise ValueError(f"eps must be >= 0, got {eps}")
-  d = taxonomy.wheel_distances()[labels].astype(np.float64)  # [..., C]
+  d = emotion_distances(taxonomy, distance)[labels].astype(np.float64)  # [..., C]
   c = taxonomy.num_classes
   return np.exp(-d**2 / (2 * sigma**2)) / np.sqrt(2 * np.pi * sigma) + eps / c
 
@@ -99,20 +145,21 @@ def _normalise(w):
 
 
 def implication(labels, taxonomy: Taxonomy, sigma: float = DEFAULT_SIGMA,
-                eps: float = DEFAULT_EPS) -> np.ndarray:
-  """Implication strategy: a Gaussian on the wheel around each label.
+                eps: float = DEFAULT_EPS, distance: str = DEFAULT_DISTANCE) -> np.ndarray:
+  """Implication strategy: a Gaussian in emotion distance around each label.
 
   Args:
     labels: int ``[N]`` (or a scalar) class indices in ``taxonomy``'s order.
-    taxonomy: must have a wheel (Mikels-8).
-    sigma: Gaussian width in wheel steps, ``> 0``.
+    taxonomy: must have a wheel (Mikels-8) for ``distance='wheel'``.
+    sigma: Gaussian width in steps of the distance, ``> 0``.
     eps: floor mass spread as ``eps / C`` on every emotion before normalising, ``>= 0``.
+    distance: one of ``DISTANCES`` (see the module docstring).
 
   Returns:
     float32 ``[N, C]``, rows summing to 1, peaked at the label.
   """
   labels = _check_labels(labels, taxonomy)
-  return _normalise(_gaussian_weights(labels, taxonomy, sigma, eps))
+  return _normalise(_gaussian_weights(labels, taxonomy, sigma, eps, distance))
 
 
 def exclusion(labels, taxonomy: Taxonomy) -> np.ndarray:
@@ -125,13 +172,15 @@ def exclusion(labels, taxonomy: Taxonomy) -> np.ndarray:
 
 
 def combined(labels, taxonomy: Taxonomy, sigma: float = DEFAULT_SIGMA,
-             eps: float = DEFAULT_EPS) -> np.ndarray:
+             eps: float = DEFAULT_EPS, distance: str = DEFAULT_DISTANCE) -> np.ndarray:
   """Implication inside the dominant polarity, 0 on the other (the authors' released code).
 
-  Returns float32 ``[N, C]``; needs a taxonomy with a wheel and polarity.
+  Arguments as ``implication``. Returns float32 ``[N, C]``; needs a taxonomy with
+  polarity (and a wheel for ``distance='wheel'``). The release's own settings are
+  ``sigma=RELEASED_SIGMA, eps=RELEASED_EPS, distance=RELEASED_DISTANCE``.
   """
   labels = _check_labels(labels, taxonomy)
-  w = _gaussian_weights(labels, taxonomy, sigma, eps)
+  w = _gaussian_weights(labels, taxonomy, sigma, eps, distance)
   return _normalise(w * taxonomy.same_polarity()[labels])
 
 
@@ -139,12 +188,13 @@ STRATEGIES = ("implication", "exclusion", "combined")
 
 
 def from_single_label(labels, taxonomy: Taxonomy, strategy: str,
-                      sigma: float = DEFAULT_SIGMA, eps: float = DEFAULT_EPS) -> np.ndarray:
-  """Dispatches to one of ``STRATEGIES`` by name."""
+                      sigma: float = DEFAULT_SIGMA, eps: float = DEFAULT_EPS,
+                      distance: str = DEFAULT_DISTANCE) -> np.ndarray:
+  """Dispatches to one of ``STRATEGIES`` by name (exclusion ignores sigma, eps, distance)."""
   if strategy == "implication":
-    return implication(labels, taxonomy, sigma, eps)
+    return implication(labels, taxonomy, sigma, eps, distance)
   if strategy == "exclusion":
     return exclusion(labels, taxonomy)
   if strategy == "combined":
-    return combined(labels, taxonomy, sigma, eps)
+    return combined(labels, taxonomy, sigma, eps, distance)
   raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")

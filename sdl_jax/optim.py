@@ -11,14 +11,19 @@ Note the rate sits *inside* the momentum buffer, as in Caffe (``optax.sgd`` puts
 outside; the two differ only right after a change of rate).
 
 Parameter groups (``param_labels``), following the Caffe prototxts of fine-tuning recipes
-(``lr_mult: 1, decay_mult: 1`` for weights, ``lr_mult: 2, decay_mult: 0`` for biases, and
-the new layer's multipliers times ten):
+(``lr_mult: 1, decay_mult: 1`` for weights, ``lr_mult: 2`` for biases, and the new layer's
+multipliers times ten). Caffe decays a parameter by ``weight_decay * decay_mult``:
 
-* ``body_weight``: kernels outside the head: ``m = 1``, decayed;
+* ``body_weight``: kernels outside the head: ``m = 1``, ``wd = weight_decay``;
 * ``body_bias``: every other parameter outside the head (biases, and also BatchNorm
-  scale and offset): ``m = bias_lr_mult``, **not** decayed;
-* ``head_weight``: the head's kernel: ``m = head_lr_mult``, decayed;
-* ``head_bias``: the head's bias: ``m = head_lr_mult * bias_lr_mult``, not decayed.
+  scale and offset): ``m = bias_lr_mult``, ``wd = weight_decay * bias_decay_mult``;
+* ``head_weight``: the head's kernel: ``m = head_lr_mult``, ``wd = weight_decay``;
+* ``head_bias``: the head's bias: ``m = head_lr_mult * bias_lr_mult``,
+  ``wd = weight_decay * bias_decay_mult``.
+
+``bias_decay_mult`` defaults to 0 (biases not decayed, the common fine-tuning prototxts'
+``decay_mult: 0``); the authors' released prototxt sets no ``decay_mult``, and Caffe's
+default is 1, so its biases are decayed: the ``paper`` preset sets 1.
 
 A parameter is a "weight" if its name is ``kernel`` or ``embedding`` (rank >= 2 in
 practice); the head is the top-level parameter group named by the model's
@@ -29,7 +34,8 @@ Schedules (``create_learning_rate_fn``), with an optional linear warm-up from 0 
 
 * ``constant``: ``lr``;
 * ``step`` (Caffe's "step" policy): ``lr * gamma ** floor(t / step_size)`` with
-  ``step_size = step_size_epochs * steps_per_epoch`` steps;
+  ``step_size = step_size_steps`` when that is set (Caffe's ``stepsize``, in iterations),
+  else ``step_size_epochs * steps_per_epoch`` steps;
 * ``cosine``: ``lr * (1 + cos(pi * t' / T')) / 2`` after warm-up, reaching 0 at the last
   step.
 """
@@ -52,7 +58,11 @@ def create_learning_rate_fn(config, steps_per_epoch: int, num_train_steps: int):
   if name == "constant":
     main = optax.constant_schedule(lr)
   elif name == "step":
-    step_size = max(1, int(round(float(config.step_size_epochs) * steps_per_epoch)))
+    steps = config.get("step_size_steps", None)
+    if steps is not None and int(steps) < 1:
+      raise ValueError(f"config.step_size_steps must be >= 1 or None, got {steps}")
+    step_size = (int(steps) if steps is not None else
+                 max(1, int(round(float(config.step_size_epochs) * steps_per_epoch))))
     main = optax.exponential_decay(lr, transition_steps=step_size,
                                    decay_rate=float(config.gamma), staircase=True)
   elif name == "cosine":
@@ -95,18 +105,19 @@ def caffe_sgd(learning_rate, momentum: float, weight_decay: float, lr_mult: floa
 def create_optimizer(config, learning_rate_fn, params, head: str = "head"):
   """``optax.multi_transform`` of ``caffe_sgd`` over the four groups of ``param_labels``.
 
-  Uses ``config.momentum``, ``config.weight_decay``, ``config.head_lr_mult`` and
-  ``config.bias_lr_mult``.
+  Uses ``config.momentum``, ``config.weight_decay``, ``config.head_lr_mult``,
+  ``config.bias_lr_mult`` and ``config.bias_decay_mult`` (absent: 0).
   """
   head_mult = float(config.head_lr_mult)
   bias_mult = float(config.bias_lr_mult)
   wd = float(config.weight_decay)
+  bias_wd = wd * float(config.get("bias_decay_mult", 0.0) or 0.0)
   mom = float(config.momentum)
   transforms = {
       "body_weight": caffe_sgd(learning_rate_fn, mom, wd, 1.0),
-      "body_bias": caffe_sgd(learning_rate_fn, mom, 0.0, bias_mult),
+      "body_bias": caffe_sgd(learning_rate_fn, mom, bias_wd, bias_mult),
       "head_weight": caffe_sgd(learning_rate_fn, mom, wd, head_mult),
-      "head_bias": caffe_sgd(learning_rate_fn, mom, 0.0, head_mult * bias_mult),
+      "head_bias": caffe_sgd(learning_rate_fn, mom, bias_wd, head_mult * bias_mult),
   }
   return optax.multi_transform(transforms, param_labels(params, head))
 

@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
+from sdl_jax import distributions
 from sdl_jax import metrics
 from sdl_jax import models
 from sdl_jax import train
@@ -57,13 +58,43 @@ def test_default_is_synthetic_small_cnn():
 
 
 def test_paper_preset_is_the_released_recipe():
+  """The values of the authors' vgg_solver1.prototxt and vgg_train_val16_1.prototxt."""
   c = _parse(f"--config={CONFIG}:paper")
   assert (c.model, c.learning_rate, c.momentum, c.weight_decay) == (
       "vgg16", 1e-4, 0.9, 5e-3)
   assert c.pretrained is None  # a file the user supplies: --config.pretrained=...
-  assert (c.head_lr_mult, c.batch_size, c.image_size, c.crop, c.flip) == (
-      10.0, 32, 224, "random", True)
-  assert c.schedule == "step" and c.model_kwargs.dropout_rate == 0.5
+  assert (c.head_lr_mult, c.bias_lr_mult, c.bias_decay_mult) == (10.0, 2.0, 1.0)
+  assert (c.batch_size, c.image_size, c.crop, c.flip, c.lam) == (32, 224, "random", True, 0.8)
+  assert (c.schedule, c.gamma, c.step_size_steps, c.num_train_steps) == (
+      "step", 0.1, 10_000, 3000)
+  assert c.model_kwargs.dropout_rate == 0.5
+  assert (c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps) == (20, 100, 1000)
+  assert (c.data.strategy, c.data.distance, c.data.sigma, c.data.eps) == (
+      "combined", "index", distributions.RELEASED_SIGMA, distributions.RELEASED_EPS)
+  train.validate_config(_parse(f"--config={CONFIG}:paper", "--config.data.path=/x"))
+
+
+def test_paper_rate_never_steps_within_its_iterations():
+  c = _parse(f"--config={CONFIG}:paper")
+  lr = train.create_learning_rate_fn(c, steps_per_epoch=279, num_train_steps=3000)
+  assert float(lr(0)) == float(lr(c.num_train_steps - 1)) == pytest.approx(1e-4)
+  assert float(lr(c.step_size_steps)) == pytest.approx(1e-5)
+
+
+def test_target_defaults_are_the_library_defaults():
+  c = _parse(f"--config={CONFIG}")
+  assert (c.data.distance, c.data.sigma, c.data.eps) == (
+      distributions.DEFAULT_DISTANCE, distributions.DEFAULT_SIGMA, distributions.DEFAULT_EPS)
+  assert c.bias_decay_mult == 0.0 and c.step_size_steps is None
+
+
+@pytest.mark.parametrize("preset", ["emotion6", "flickr_ldl", "twitter_ldl", "fi"])
+def test_published_presets_keep_their_own_schedule(preset):
+  c = _parse(f"--config={CONFIG}:{preset}")
+  assert c.num_train_steps is None and c.step_size_steps is None
+  assert c.bias_decay_mult == 0.0 and c.data.distance == "wheel"
+  assert (c.model, c.schedule, c.batch_size, c.head_lr_mult) == (
+      "efficientnet_lite2", "cosine", 32, 10.0)
 
 
 def test_overrides_from_the_command_line():

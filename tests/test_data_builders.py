@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdl_jax import distributions
 from sdl_jax.data import common, folders, ldl, votes_csv
 from sdl_jax.emotions import EMOTION6, MIKELS8
 
@@ -559,6 +560,22 @@ def test_folders_strategies_and_given_split_folders(tmp_path):
   pos = ex["label"] < 4
   np.testing.assert_allclose(ex["distribution"], [0.25] * 4 + [0] * 4 if pos
                              else [0] * 4 + [0.25] * 4)
+
+
+def test_folders_distance_option_reaches_the_targets(tmp_path):
+  root = _fi(str(tmp_path / "FI"), per_class=1)
+  cfg = _cfg(name="folders", path=root, distance="index", sigma=0.45, eps=0.0)
+  by_index = folders.make_builder(cfg, str(tmp_path / "c"))
+  by_wheel = folders.make_builder(_cfg(name="folders", path=root, sigma=0.45, eps=0.0),
+                                  str(tmp_path / "c"))
+  assert by_index.builder_config.name != by_wheel.builder_config.name
+  b = _prepare(by_index)
+  for split in common.SPLITS:
+    for ex in _examples(b, split).values():
+      want = distributions.combined(np.array([ex["label"]]), MIKELS8, 0.45, 0.0, "index")[0]
+      np.testing.assert_allclose(ex["distribution"], want, rtol=1e-6)
+  with pytest.raises(ValueError, match="config.data.distance"):
+    folders.make_builder(_cfg(name="folders", path=root, distance="circle"), str(tmp_path))
 
 
 def test_folders_unknown_folder_strict_and_lenient(tmp_path):

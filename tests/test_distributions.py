@@ -67,27 +67,34 @@ def test_from_votes_rejects_bad_rows_naming_them(row, msg):
       D.from_votes(votes)
 
 
-def _implication_by_hand(mu, sigma, eps):
-  """Written from the paper's formula with explicit loops over the wheel."""
+def _implication_by_hand(mu, sigma, eps, distance="wheel"):
+  """Written from the paper's formula with explicit loops over the wheel or the index."""
   c = 8
-  pos = MIKELS8.wheel
+  pos = MIKELS8.wheel if distance == "wheel" else range(c)
   w = []
   for i in range(c):
     diff = abs(pos[i] - pos[mu])
-    dist = min(diff, c - diff)
+    dist = min(diff, c - diff) if distance == "wheel" else diff
     w.append(1 / math.sqrt(2 * math.pi * sigma) * math.exp(-dist**2 / (2 * sigma**2)) + eps / c)
   s = sum(w)
   return [x / s for x in w]
 
 
-@pytest.mark.parametrize("sigma,eps", [(1.0, 0.1), (0.5, 0.0), (2.0, 0.3)])
-def test_implication_matches_formula(sigma, eps):
+@pytest.mark.parametrize("distance", ["wheel", "index"])
+@pytest.mark.parametrize("sigma,eps", [(1.0, 0.1), (0.5, 0.0), (2.0, 0.3), (0.45, 0.0)])
+def test_implication_matches_formula(sigma, eps, distance):
   labels = np.arange(8)
-  got = D.implication(labels, MIKELS8, sigma, eps)
+  got = D.implication(labels, MIKELS8, sigma, eps, distance)
   for mu in range(8):
-    np.testing.assert_allclose(got[mu], _implication_by_hand(mu, sigma, eps), rtol=1e-6)
+    # atol: far tails fall below float32's normal range (1e-38) and lose digits.
+    np.testing.assert_allclose(got[mu], _implication_by_hand(mu, sigma, eps, distance),
+                               rtol=1e-6, atol=1e-12)
   assert (got.argmax(1) == labels).all()
   np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
+
+
+def test_implication_is_symmetric_on_the_wheel():
+  got = D.implication(np.arange(8), MIKELS8)
   # Symmetric about the peak on the wheel: both wheel neighbours get the same mass.
   awe = MIKELS8.index("awe")
   np.testing.assert_allclose(got[awe, MIKELS8.index("contentment")],
@@ -111,6 +118,60 @@ def test_combined_is_gaussian_inside_polarity():
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert (got.argmax(1) == labels).all()
   np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
+
+
+def _released_by_hand(label, sigma, ee):
+  """The authors' commented-out Gaussian (softmax_my_kl_loss_layer.cpp), loop for loop.
+
+  m_pro[i][j] = 1 / (sqrt(2 pi) sigma) exp(-(j - i)^2 / (2 sigma^2)), then ee on the other
+  polarity (j > 3 for i < 4, j < 4 for i >= 4), then each row divided by its sum.
+  """
+  row = []
+  for j in range(8):
+    value = 1.0 / (math.sqrt(2 * math.pi) * sigma) * math.exp(
+        -1 * (j - label) * (j - label) / (2 * sigma * sigma))
+    if (label < 4 and j > 3) or (label >= 4 and j < 4):
+      value = ee
+    row.append(value)
+  total = sum(row)
+  return [v / total for v in row]
+
+
+def test_released_settings_reproduce_the_authors_gaussian():
+  labels = np.arange(8)
+  got = D.from_single_label(labels, MIKELS8, "combined", D.RELEASED_SIGMA, D.RELEASED_EPS,
+                            D.RELEASED_DISTANCE)
+  assert (D.RELEASED_DISTANCE, D.RELEASED_SIGMA, D.RELEASED_EPS) == ("index", 0.45, 0.0)
+  for label in range(8):
+    np.testing.assert_allclose(got[label], _released_by_hand(label, 0.45, 0.0), rtol=1e-6,
+                               atol=1e-12)
+  # The narrow Gaussian puts most of the mass on the label: exp(-1 / (2 * 0.45^2)) = 0.085
+  # of the peak on each index neighbour.
+  awe = MIKELS8.index("awe")
+  assert got[awe, awe] > 0.8
+  np.testing.assert_allclose(got[awe, MIKELS8.index("amusement")] / got[awe, awe],
+                             math.exp(-1 / (2 * 0.45**2)), rtol=1e-5)
+
+
+def test_index_and_wheel_distances_differ_on_mikels8():
+  index = D.emotion_distances(MIKELS8, "index")
+  wheel = D.emotion_distances(MIKELS8, "wheel")
+  np.testing.assert_array_equal(index, np.abs(np.subtract.outer(np.arange(8), np.arange(8))))
+  np.testing.assert_array_equal(wheel, MIKELS8.wheel_distances())
+  amusement, awe = MIKELS8.index("amusement"), MIKELS8.index("awe")
+  assert index[amusement, awe] == 1 and wheel[amusement, awe] == 2
+  # So the targets differ too: by index, awe is amusement's nearest neighbour.
+  by_index = D.implication(np.array([amusement]), MIKELS8, 1.0, 0.0, "index")[0]
+  by_wheel = D.implication(np.array([amusement]), MIKELS8, 1.0, 0.0, "wheel")[0]
+  assert by_index[awe] > by_wheel[awe]
+
+
+def test_index_distance_needs_no_wheel():
+  got = D.combined(np.array([EMOTION6.index("fear")]), EMOTION6, 1.0, 0.0, "index")[0]
+  same = EMOTION6.same_polarity()[EMOTION6.index("fear")]
+  assert (got[~same] == 0).all() and got.argmax() == EMOTION6.index("fear")
+  with pytest.raises(ValueError, match="unknown distance"):
+    D.implication(np.array([0]), MIKELS8, distance="circle")
 
 
 def test_strategy_errors():

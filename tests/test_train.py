@@ -50,6 +50,12 @@ def test_schedules_match_their_formulas():
   for t in (0, 5, 10, 30, 50):
     want = 0.1 * t / 10 if t < 10 else 0.1 * 0.5 * (1 + math.cos(math.pi * (t - 10) / 40))
     assert math.isclose(float(cos(t)), want, rel_tol=1e-5, abs_tol=1e-9)
+  # Caffe's stepsize in iterations, when set, rather than epochs.
+  by_steps = train.create_learning_rate_fn(_sched_config(step_size_steps=7), 5, 50)
+  for t in (0, 6, 7, 13, 14, 35):
+    assert math.isclose(float(by_steps(t)), 0.1 * 0.5 ** (t // 7), rel_tol=1e-6)
+  with pytest.raises(ValueError, match="config.step_size_steps"):
+    train.create_learning_rate_fn(_sched_config(step_size_steps=0), 5, 50)
   const = train.create_learning_rate_fn(_sched_config(schedule="constant"), 5, 50)
   assert float(const(0)) == float(const(49)) == pytest.approx(0.1)
   with pytest.raises(ValueError, match="config.schedule"):
@@ -66,10 +72,14 @@ def test_param_labels_of_small_cnn():
   assert labels["bn0_0/scale"] == labels["bn0_0/bias"] == "body_bias"
 
 
-def test_optimizer_is_caffe_sgd():
+@pytest.mark.parametrize("bias_decay_mult", [None, 0.0, 1.0])
+def test_optimizer_is_caffe_sgd(bias_decay_mult):
   """v = mom v + lr_t m (g + wd w), w -= v, with per-group m and decay, in NumPy."""
   c = ml_collections.ConfigDict({"momentum": 0.9, "weight_decay": 0.01, "head_lr_mult": 10.0,
                                  "bias_lr_mult": 2.0})
+  if bias_decay_mult is not None:  # absent: biases are not decayed
+    c.bias_decay_mult = bias_decay_mult
+  bias_wd = 0.01 * (bias_decay_mult or 0.0)
   lr = lambda t: 0.1 * 0.5 ** (t // 2)  # a step schedule: the rate changes mid-way
   rng = np.random.default_rng(0)
   params = {"conv": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,))},
@@ -77,8 +87,8 @@ def test_optimizer_is_caffe_sgd():
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
   tx = optim.create_optimizer(c, lambda t: 0.1 * 0.5 ** (t // 2), params, head="head")
   state = tx.init(params)
-  mult = {("conv", "kernel"): (1, 0.01), ("conv", "bias"): (2, 0.0),
-          ("head", "kernel"): (10, 0.01), ("head", "bias"): (20, 0.0)}
+  mult = {("conv", "kernel"): (1, 0.01), ("conv", "bias"): (2, bias_wd),
+          ("head", "kernel"): (10, 0.01), ("head", "bias"): (20, bias_wd)}
   w = {k: np.asarray(params[k[0]][k[1]], np.float64) for k in mult}
   v = {k: np.zeros_like(w[k]) for k in mult}
   p = params

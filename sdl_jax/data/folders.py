@@ -15,8 +15,9 @@ images by their extension are noted and ignored.
 There are no votes: ``distribution`` is made from the folder's label by
 ``sdl_jax.distributions.from_single_label`` with ``config.data.strategy``:
 
-* ``implication``: a Gaussian on Mikels' wheel around the label,
+* ``implication``: a Gaussian in emotion distance ``d`` around the label,
   ``f(i) = exp(-d(i, mu)^2 / (2 sigma^2)) / sqrt(2 pi sigma) + eps / C``, normalised;
+  ``d`` round Mikels' wheel, or along the class index (``config.data.distance``);
 * ``exclusion``: uniform over the label's polarity, 0 elsewhere;
 * ``combined`` (alias ``both``; the authors' released code): the implication weights
   inside the label's polarity, 0 on the other, normalised.
@@ -25,8 +26,9 @@ There are no votes: ``distribution`` is made from the folder's label by
 (``amusement/amusement_0001.jpg``).
 
 Config fields (``config.data``): ``path``; ``taxonomy`` (default ``'mikels8'``);
-``strategy`` (default ``'combined'``); ``sigma``, ``eps`` (defaults
-``distributions.DEFAULT_SIGMA``/``DEFAULT_EPS``); ``channels`` (3, or 1 for grey sets);
+``strategy`` (default ``'combined'``); ``distance``, ``sigma``, ``eps`` (defaults
+``distributions.DEFAULT_DISTANCE``/``DEFAULT_SIGMA``/``DEFAULT_EPS``); ``channels`` (3, or 1
+for grey sets);
 ``split_seed``, ``split_fractions``, ``split_file``, ``lenient`` (see
 ``common.split_options``; a split file cannot be combined with given split folders).
 """
@@ -149,8 +151,9 @@ class Folders(common.SourceBuilder, skip_registration=True):
           f"no image found in emotion folders under {opts['path']!r}; expected folders "
           f"named {', '.join(self._taxonomy.names)} (or train/ and test/ holding them)")
     labels = np.asarray([label for _, label, _ in found], dtype=np.int32)
-    dists = distributions.from_single_label(labels, self._taxonomy, opts["strategy"],
-                                            opts["sigma"], opts["eps"])
+    dists = distributions.from_single_label(
+        labels, self._taxonomy, opts["strategy"], opts["sigma"], opts["eps"],
+        opts.get("distance", distributions.DEFAULT_DISTANCE))
     candidates = [common.Candidate(name, int(label), dist, None, path, path)
                   for (name, label, path), dist in zip(found, dists)]
     examples, split_info = common.assign_splits(
@@ -178,14 +181,22 @@ def make_builder(data_config, data_dir: str | None = None) -> Folders:
   sigma = float(distributions.DEFAULT_SIGMA if sigma is None else sigma)
   eps = data_config.get("eps", None)
   eps = float(distributions.DEFAULT_EPS if eps is None else eps)
+  distance = data_config.get("distance", None) or distributions.DEFAULT_DISTANCE
+  if distance not in distributions.DISTANCES:
+    raise ValueError(f"config.data.distance={distance!r}; expected one of "
+                     f"{distributions.DISTANCES}")
   # Fail now, not mid-build, if the taxonomy cannot support the strategy.
-  distributions.from_single_label(np.zeros(1, np.int32), taxonomy, strategy, sigma, eps)
+  distributions.from_single_label(np.zeros(1, np.int32), taxonomy, strategy, sigma, eps,
+                                  distance)
   if data_dir is None:
     from sdl_jax.data import default_data_dir  # pylint: disable=g-import-not-at-top
     data_dir = default_data_dir()
   options = {"path": path, "strategy": strategy, "sigma": sigma, "eps": eps,
              "fingerprint": tree_fingerprint(path, os.fspath(data_dir)),
              **common.split_options(data_config)}
+  if distance != distributions.DEFAULT_DISTANCE:
+    # Only then: the default's cache key stays that of sets built before the option.
+    options["distance"] = distance
   return Folders(options=options, taxonomy=taxonomy, num_votes=None,
                  channels=int(data_config.get("channels", None) or 3),
                  prefix=f"{strategy}_{common.split_prefix(options)}", data_dir=data_dir)
