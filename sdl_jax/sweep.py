@@ -317,8 +317,9 @@ def run_sweep(config, workdir: str, lams: Sequence[float], seeds: Sequence[int],
                                  "training")
           else:
             print(f"sweep: {name} finished before, skipped", flush=True)
+          split = split_seed if split_seed is not None else config.data.get("split_seed")
           points.append(make_point(name, results, method=method, lam=lam, seed=seed,
-                                   split_seed=split_seed, measures=measures))
+                                   split_seed=split, measures=measures))
   grid = {"methods": methods, "lams": [float(l) for l in lams],
           "split_seeds": None if split_seeds is None else [int(s) for s in split_seeds],
           "seeds": [int(s) for s in seeds]}
