@@ -17,12 +17,14 @@ on request, e.g. ``config.extra_measures`` or the sweep's ``--extra_measures``):
 * Sorensen      ``sum_j |l_j - p_j| / sum_j (l_j + p_j)``           (distance)
 * Squared chi2  ``sum_j (l_j - p_j)^2 / (l_j + p_j)``               (distance)
 * Fidelity      ``sum_j sqrt(l_j p_j)``                             (similarity)
-* Jensen-Shannon ``(KL(l || m) + KL(p || m)) / 2`` with ``m = (l + p) / 2``, natural
-  log                                                               (distance, in [0, ln 2])
+* Jensen-Shannon ``(KL(l || m) + KL(p || m)) / 2``, ``m = (l + p) / 2`` (distance, in
+  [0, ln 2])
 
 Conventions: ``0 ln 0 = 0`` and ``0 / 0 = 0`` (a class where both are 0 adds nothing to
-Clark, Canberra, squared chi2 or Jensen-Shannon); ``p`` is clipped below at the smallest normal float of its dtype
-inside KL, so a prediction that underflowed to 0 gives a large, finite KL.
+Clark, Canberra, squared chi2 or Jensen-Shannon); logarithms are natural; ``p`` is clipped
+below at the smallest normal float of its dtype inside KL, so a prediction that
+underflowed to 0 gives a large, finite KL (Jensen-Shannon needs no clipping: ``m > 0``
+wherever ``l`` or ``p`` is).
 
 Top-1 accuracy compares ``argmax p`` with the dominant label.
 
@@ -105,8 +107,8 @@ def batch_sums(probs, labels, distributions, mask=None, loss=None):
 
   Returns:
     dict of float32 scalars: ``count`` (number of real examples), ``accuracy`` (number
-    correct) and one sum per LDL measure of ``ALL_MEASURES`` (and ``loss``). Add dicts with ``merge`` or
-    ``jax.lax.psum``; turn into means with ``finalize``.
+    correct) and one sum per measure of ``ALL_MEASURES`` (and ``loss``). Add dicts
+    with ``merge`` or ``jax.lax.psum``; turn into means with ``finalize``.
   """
   n = probs.shape[0]
   m = jnp.ones((n,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)

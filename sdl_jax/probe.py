@@ -14,7 +14,7 @@ match reads them instead of running the backbone again.
 
 A linear head ``a = W z + b`` on the standardised features ``z = (h - mu) / sigma``
 (``mu``, ``sigma``: per-dimension mean and standard deviation over the training split) is
-then trained full-batch with Adam on
+then trained full-batch with Adam (all weight decays of the grid at once) on
 
     L(W, b) = sdl_loss(a, y, l; lam) + wd / 2 * ||W||^2
 
@@ -217,6 +217,19 @@ def fit_head(z, labels, distributions, lam, weight_decay, learning_rate, *, step
   return head, trace
 
 
+@functools.partial(jax.jit, static_argnames=("steps",))
+def fit_heads(z, labels, distributions, lam, weight_decays, learning_rate, *, steps: int):
+  """``fit_head`` for each of ``weight_decays`` float32 ``[K]`` at once (vmapped: one
+  ``[F, K C]`` product per step instead of K thin ones, ~4x faster on CPU).
+
+  Returns:
+    (heads ``{'w': [K, F, C], 'b': [K, C]}``, objectives ``[K, steps]``).
+  """
+  fit = functools.partial(fit_head, steps=steps)
+  return jax.vmap(fit, in_axes=(None, None, None, None, 0, None))(
+      z, labels, distributions, lam, weight_decays, learning_rate)
+
+
 def predict(head, z_views):
   """Mean predicted distribution float32 ``[N, C]`` over the views ``[V, N, F]``."""
   return jnp.mean(jax.nn.softmax(head_logits(head, z_views), axis=-1), axis=0)
@@ -243,21 +256,27 @@ def select_head(z, data, config) -> tuple[dict, list[dict], int]:
   views = z["train"].shape[0]
   labels = np.tile(data["train"]["label"], views)
   dists = np.tile(data["train"]["distribution"], (views, 1))
+  decays = np.asarray(config.probe_weight_decays, np.float32)
+  stacked, traces = jax.device_get(fit_heads(
+      train_z, labels, dists, float(config.lam), decays, float(config.probe_learning_rate),
+      steps=int(config.probe_steps)))
   rows, heads = [], []
-  for wd in config.probe_weight_decays:
-    head, trace = fit_head(train_z, labels, dists, float(config.lam), float(wd),
-                           float(config.probe_learning_rate),
-                           steps=int(config.probe_steps))
+  for k, wd in enumerate(config.probe_weight_decays):
+    head = {name: v[k] for name, v in stacked.items()}
     val = measures(head, z["validation"], data["validation"]["label"],
                    data["validation"]["distribution"], float(config.lam))
-    trace = np.asarray(trace)
-    rows.append({"weight_decay": float(wd), "objective_first": float(trace[0]),
-                 "objective_last": float(trace[-1]), "validation": val})
+    rows.append({"weight_decay": float(wd), "objective_first": float(traces[k, 0]),
+                 "objective_last": float(traces[k, -1]), "validation": val})
     heads.append(head)
-    print(f"probe: weight decay {wd:g}: objective {trace[0]:.4f} -> {trace[-1]:.4f}, "
-          f"validation {key} {val[key]:.4f}", flush=True)
+    print(f"probe: weight decay {wd:g}: objective {traces[k, 0]:.4f} -> "
+          f"{traces[k, -1]:.4f}, validation {key} {val[key]:.4f}", flush=True)
   values = [r["validation"][key] for r in rows]
   best = int(np.argmax(values) if higher else np.argmin(values))
+  if len(rows) > 1 and best in (0, len(rows) - 1):
+    msg = (f"probe: the best weight decay on validation, {rows[best]['weight_decay']:g}, is "
+           "at an end of config.probe_weight_decays: consider widening the grid")
+    logging.warning(msg)
+    print(msg, flush=True)
   return heads[best], rows, best
 
 

@@ -50,6 +50,8 @@ from sdl_jax import report
 
 SUMMARY_MEASURES = ("accuracy",) + metrics_lib.LDL_MEASURES
 METHODS = ("finetune", "probe")
+# Fixed predictions every run's results.json scores on its test split (train.compute_baselines).
+BASELINES = {"train_mean": "baseline: training-set mean", "uniform": "baseline: uniform"}
 
 
 def run_name(lam: float, seed: int, split_seed: int | None = None,
@@ -144,6 +146,9 @@ def make_point(name: str, results: dict, *, method: str, lam: float, seed: int,
            "split_seed": None if split_seed is None else int(split_seed),
            "best_step": results.get("best_step")}
   point.update({m: (float(test[m]) if test.get(m) is not None else None) for m in measures})
+  baselines = results.get("baselines") or {}
+  point["baselines"] = {b: {m: baselines[b].get(m) for m in measures}
+                        for b in BASELINES if isinstance(baselines.get(b), dict)}
   return point
 
 
@@ -199,6 +204,29 @@ def summarize(points: Sequence[dict[str, Any]],
   return out
 
 
+def summarize_baselines(points: Sequence[dict[str, Any]],
+                        measures: Sequence[str] = SUMMARY_MEASURES) -> list[dict[str, Any]]:
+  """Per baseline of ``BASELINES``: mean and sample sd over the data splits (one value
+  per split seed: every run of a split scores the same baseline), as ``summarize``
+  rows with ``method`` the baseline's name and ``lam`` ``None``."""
+  out = []
+  for key, label in BASELINES.items():
+    per_split = {}
+    for p in points:
+      if key in p.get("baselines", {}):
+        per_split.setdefault(p.get("split_seed"), p["baselines"][key])
+    if not per_split:
+      continue
+    row: dict[str, Any] = {"method": label, "lam": None, "n": len(per_split), "seeds": [],
+                           "split_seeds": sorted(k for k in per_split if k is not None)}
+    for m in measures:
+      v = np.asarray([b[m] for b in per_split.values() if b.get(m) is not None], np.float64)
+      row[f"{m}_mean"] = float(v.mean()) if v.size else None
+      row[f"{m}_std"] = (float(v.std(ddof=1)) if v.size > 1 else 0.0) if v.size else None
+    out.append(row)
+  return out
+
+
 def _pm(mean, std) -> str:
   return "-" if mean is None else f"{mean:.4f} +/- {std:.4f}"
 
@@ -208,10 +236,13 @@ def _markdown(points, summary, command, preset, measures=SUMMARY_MEASURES) -> st
            f"Produced by `{command}`.\n\n" if command else "",
            "Test measures of each run (fine-tuning: its best checkpoint on validation; "
            "probe: its head with the weight decay best on validation); mean +/- sample "
-           "standard deviation over the runs of a row (seeds x data split seeds).\n\n"]
+           "standard deviation over the runs of a row (seeds x data split seeds); the "
+           "baselines predict one fixed distribution for every test image, their spread "
+           "is over the data splits.\n\n"]
   rows = []
   for s in summary:
-    row = {"method": s["method"], "lam": f"{s['lam']:g}", "n": s["n"]}
+    row = {"method": s["method"], "lam": "-" if s["lam"] is None else f"{s['lam']:g}",
+           "n": s["n"]}
     for m in measures:
       row[m] = _pm(s[m + "_mean"], s[m + "_std"])
     rows.append(row)
@@ -220,7 +251,8 @@ def _markdown(points, summary, command, preset, measures=SUMMARY_MEASURES) -> st
       ["method", "lambda", "runs"] + [report.measure_header(m) for m in measures]))
   lines.append("\n![accuracy and KL against lambda](sweep.png)\n\n## Runs\n\n")
   lines.append(report.markdown_table(
-      points, ("run", "method", "lam", "split_seed", "seed", "best_step") + tuple(measures),
+      [dict(p, lam=f"{p['lam']:g}") for p in points],
+      ("run", "method", "lam", "split_seed", "seed", "best_step") + tuple(measures),
       ["work directory", "method", "lambda", "split seed", "seed", "best step"]
       + [report.measure_header(m) for m in measures]))
   return "".join(lines)
@@ -234,15 +266,16 @@ def write_summary(workdir: str, points, *, preset=None, command=None,
   if not points:
     raise ValueError(f"no finished runs to summarise in {workdir}")
   summary = summarize(points, measures)
+  baselines = summarize_baselines(points, measures)
   out = {"preset": preset, **(grid or {}), "command": command, "measures": list(measures),
-         "runs": points, "summary": summary}
+         "runs": points, "summary": summary, "baselines": baselines}
   with open(os.path.join(workdir, "sweep.json"), "w") as f:
     json.dump(out, f, indent=2)
   report.plot_sweep(points, os.path.join(workdir, "sweep.png"),
                     title=f"{preset or 'sweep'}: test measures against lambda",
                     group_key="method")
   with open(os.path.join(workdir, "sweep.md"), "w") as f:
-    f.write(_markdown(points, summary, command, preset, measures))
+    f.write(_markdown(points, summary + baselines, command, preset, measures))
   return out
 
 
@@ -341,6 +374,8 @@ def main(config, workdir: str, lams: str, seeds: str, split_seeds: str = "",
   if not workdir:
     raise ValueError("--workdir is required for a sweep (the runs go into sub-directories)")
   argv = list(sys.argv)
+  if argv and os.path.basename(argv[0]) == "sweep.py":
+    argv[0] = "-m sdl_jax.sweep"  # as it was typed, not the module's path on this disk
   command = " ".join(["python"] + argv) if argv else None
   measures = SUMMARY_MEASURES + (metrics_lib.EXTRA_MEASURES if extra_measures else ())
   if summarize_only:

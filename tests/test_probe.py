@@ -70,11 +70,11 @@ def probe_runs(tmp_path_factory):
     second = probe.probe_and_evaluate(config, workdir)
   finally:
     probe.extract_features = real_extract
-  return first, second, workdir
+  return first, second, workdir, config
 
 
 def test_features_cached_once(probe_runs):
-  first, second, workdir = probe_runs
+  first, second, workdir, _ = probe_runs
   assert first["probe"]["feature_splits_computed"] == 3
   assert second["probe"]["feature_splits_computed"] == 0
   assert sorted(os.listdir(os.path.join(workdir, "features"))) == [
@@ -99,7 +99,7 @@ def test_head_trains_and_beats_uniform(probe_runs):
 
 
 def test_results_keys_match_training(probe_runs):
-  results, _, workdir = probe_runs
+  results, _, workdir, _ = probe_runs
   on_disk = json.loads(open(os.path.join(workdir, "results.json")).read())
   assert on_disk["method"] == "probe"
   for key in ("name", "model", "data", "lam", "best_metric", "best_step", "test",
@@ -112,6 +112,19 @@ def test_results_keys_match_training(probe_runs):
   report = open(os.path.join(workdir, "report.md")).read()
   assert "linear probe" in report and "training set's mean distribution" in report
   assert json.load(open(os.path.join(workdir, "config.json")))["probe"] is True
+
+
+def test_training_entry_point_dispatches_to_the_probe(probe_runs, tmp_path):
+  from sdl_jax import train  # pylint: disable=g-import-not-at-top
+  first, _, workdir, config = probe_runs
+  config = config.copy_and_resolve_references()
+  config.probe_feature_dir = os.path.join(workdir, "features")
+  results = train.train_and_evaluate(config, str(tmp_path / "via_train"))
+  assert results["method"] == "probe"
+  assert results["probe"]["feature_splits_computed"] == 0  # the shared cache was read
+  assert results["test"]["kl"] == pytest.approx(first["test"]["kl"], rel=1e-6)
+  assert (tmp_path / "via_train" / "results.json").exists()
+  assert not (tmp_path / "via_train" / "checkpoints").exists()
 
 
 def test_features_are_the_heads_input():
@@ -172,6 +185,22 @@ def test_objective_and_fitted_head_against_numpy():
   assert value == pytest.approx(float(trace[-1]), rel=1e-4)
   # The zero start is the uniform prediction: the first value is ln C.
   assert float(trace[0]) == pytest.approx(np.log(c), rel=1e-5)
+
+
+def test_heads_fitted_together_equal_heads_fitted_alone():
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(40, 6)).astype(np.float32)
+  l = rng.dirichlet(np.ones(3), size=40).astype(np.float32)
+  y = l.argmax(1).astype(np.int32)
+  decays = np.array([1e-3, 0.1, 3.0], np.float32)
+  heads, traces = probe.fit_heads(z, y, l, 0.5, decays, 0.05, steps=200)
+  for k, wd in enumerate(decays):
+    head, trace = probe.fit_head(z, y, l, 0.5, wd, 0.05, steps=200)
+    np.testing.assert_allclose(heads["w"][k], head["w"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(traces[k], trace, rtol=1e-5)
+  # More weight decay, smaller weights.
+  norms = [float(np.sum(np.asarray(heads["w"][k])**2)) for k in range(3)]
+  assert norms[0] > norms[1] > norms[2]
 
 
 def test_mirrored_views_average_the_distributions():

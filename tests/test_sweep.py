@@ -139,11 +139,18 @@ def test_real_sweep_on_tiny_config(trained_workdir, tmp_path_factory, tmp_path):
   assert (tmp_path / "sweep.md").exists()
 
 
+def _fake_baselines(split_seed, measures):
+  """Baselines of a split: the same for every run of that split."""
+  return {"train_mean": {m: 0.2 + 0.1 * split_seed for m in measures},
+          "uniform": {m: 0.05 * split_seed**2 for m in measures}}
+
+
 def _write_run(root, name, method, lam, split_seed, seed, test):
   """A finished run directory as training or the probe leaves it."""
   run = root / name
   run.mkdir(parents=True)
-  results = {"lam": lam, "test": dict(test, count=5), "best_step": None}
+  results = {"lam": lam, "test": dict(test, count=5), "best_step": None,
+             "baselines": _fake_baselines(split_seed, test)}
   if method == "probe":
     results["method"] = "probe"
   (run / "results.json").write_text(json.dumps(results))
@@ -177,7 +184,16 @@ def test_aggregation_of_finished_run_dirs_against_numpy(tmp_path):
       values = np.array([table[(method, lam, s)][m] for s in (0, 1, 2)])
       assert row[f"{m}_mean"] == pytest.approx(values.mean())
       assert row[f"{m}_std"] == pytest.approx(values.std(ddof=1))
+  # Baselines: one value per split seed, whichever runs hold it.
+  base = {r["method"]: r for r in out["baselines"]}
+  for key, label in sweep.BASELINES.items():
+    values = np.array([_fake_baselines(s, measures)[key]["kl"] for s in (0, 1, 2)])
+    assert base[label]["n"] == 3
+    assert base[label]["kl_mean"] == pytest.approx(values.mean())
+    assert base[label]["kl_std"] == pytest.approx(values.std(ddof=1))
   md = (tmp_path / "sweep.md").read_text()
+  b = base["baseline: training-set mean"]
+  assert f"| baseline: training-set mean | - | 3 | {b['accuracy_mean']:.4f} +/- " in md
   r = rows[("probe", 0.8)]
   assert f"| probe | 0.8 | 3 | {r['accuracy_mean']:.4f} +/- {r['accuracy_std']:.4f} |" in md
   assert "Jensen-Shannon (lower)" in md and "Fidelity (higher)" in md
