@@ -400,7 +400,7 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], path: str,
       xs = sorted({float(p[x_key]) for p in members})
       if not xs:
         continue
-      stats = [_mean_std([p[name] for p in members if float(p[x_key]) == x]) for x in xs]
+      stats = [mean_std([p[name] for p in members if float(p[x_key]) == x]) for x in xs]
       colour = colours[g % len(colours)]
       label = "mean +/- 1 sd" if group is None else f"{group}: mean +/- 1 sd"
       ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
@@ -417,7 +417,10 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], path: str,
   return _save(fig, path)
 
 
-def _mean_std(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (``ddof=1``; 0 for one value)."""
+def mean_std(values) -> tuple[float | None, float | None]:
+  """Mean and sample standard deviation (``ddof=1``; 0 for one value) of ``values``,
+  ``(None, None)`` when there are none."""
   v = np.asarray(values, np.float64)
+  if not v.size:
+    return None, None
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from sdl_jax import aggregate
 from sdl_jax import report
 from sdl_jax import sweep
 
@@ -162,7 +163,7 @@ def test_aggregation_of_finished_run_dirs_against_numpy(tmp_path):
   """Hand-made results.json files: mean and sample sd per method x lambda over split
   seeds, extra measures included; unfinished directories ignored."""
   rng = np.random.default_rng(0)
-  measures = sweep.SUMMARY_MEASURES + sweep.metrics_lib.EXTRA_MEASURES
+  measures = sweep.SUMMARY_MEASURES + aggregate.metrics_lib.EXTRA_MEASURES
   table = {}
   for method in ("finetune", "probe"):
     for lam in (0.0, 0.8):
@@ -172,9 +173,9 @@ def test_aggregation_of_finished_run_dirs_against_numpy(tmp_path):
         _write_run(tmp_path, sweep.run_name(lam, 0, split_seed, method), method, lam,
                    split_seed, 0, test)
   (tmp_path / "probe_lam=1_split=0_seed=0").mkdir()  # unfinished: no results.json
-  points = sweep.collect_points(str(tmp_path), measures)
+  points = aggregate.collect_points(str(tmp_path), measures)
   assert len(points) == 12
-  out = sweep.write_summary(str(tmp_path), points, preset="fake", measures=measures)
+  out = aggregate.write_summary(str(tmp_path), points, preset="fake", measures=measures)
   rows = {(r["method"], r["lam"]): r for r in out["summary"]}
   assert [(r["method"], r["lam"]) for r in out["summary"]] == [
       ("finetune", 0.0), ("finetune", 0.8), ("probe", 0.0), ("probe", 0.8)]
@@ -186,7 +187,7 @@ def test_aggregation_of_finished_run_dirs_against_numpy(tmp_path):
       assert row[f"{m}_std"] == pytest.approx(values.std(ddof=1))
   # Baselines: one value per split seed, whichever runs hold it.
   base = {r["method"]: r for r in out["baselines"]}
-  for key, label in sweep.BASELINES.items():
+  for key, label in aggregate.BASELINES.items():
     values = np.array([_fake_baselines(s, measures)[key]["kl"] for s in (0, 1, 2)])
     assert base[label]["n"] == 3
     assert base[label]["kl_mean"] == pytest.approx(values.mean())
@@ -204,7 +205,7 @@ def test_older_runs_without_extra_measures_summarise_as_missing(tmp_path):
   _write_run(tmp_path, "lam=0_seed=0", "finetune", 0.0, 0, 0,
              {m: 0.5 for m in MEASURES})
   measures = MEASURES + ("fidelity",)
-  out = sweep.write_summary(str(tmp_path), sweep.collect_points(str(tmp_path), measures),
+  out = aggregate.write_summary(str(tmp_path), aggregate.collect_points(str(tmp_path), measures),
                             measures=measures)
   assert out["summary"][0]["fidelity_mean"] is None
   assert out["summary"][0]["kl_mean"] == 0.5
@@ -237,7 +238,7 @@ def test_sweep_over_methods_and_split_seeds(tmp_path):
                          split_seeds=[0, 1, 2], methods=["probe", "finetune"])
   assert again.calls == [] and out2["summary"] == out["summary"]
   # And collecting the directories gives the same table.
-  assert sweep.summarize(sweep.collect_points(str(tmp_path))) == [
+  assert aggregate.summarize(aggregate.collect_points(str(tmp_path))) == [
       {k: v for k, v in r.items()} for r in out["summary"]]
 
 
