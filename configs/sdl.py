@@ -87,6 +87,23 @@ def _base() -> ml_collections.ConfigDict:
   # predicted distribution with its left-right mirror's (twice the inference cost).
   c.eval_flip = False
 
+  # Linear probe (sdl_jax/probe.py) instead of fine-tuning: the frozen pretrained
+  # backbone's pooled features, computed once per split and cached (in
+  # probe_feature_dir, default <workdir>/features), and a linear head trained full-batch
+  # on them with the joint loss at lam; the weight decay is chosen on validation.
+  c.probe = False
+  # On standardised features. Frozen Lite0 on Flickr_LDL chose 0.3 at lam 0.8 and 3 at
+  # lam 0 by validation KL (2026-12-05), hence the wide grid.
+  c.probe_weight_decays = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+  c.probe_steps = 1000
+  c.probe_learning_rate = 1e-2
+  c.probe_flip = False       # also cache the mirrored images' features (2x the cost)
+  c.probe_feature_dir = config_dict.placeholder(str)
+  # Reports also show the five extra LDL measures (sdl_jax.metrics.EXTRA_MEASURES:
+  # Euclidean, Sorensen, squared chi2, fidelity, Jensen-Shannon); results.json always
+  # holds them.
+  c.extra_measures = False
+
   # Loop, logging, checkpoints.
   c.log_every_steps = 50
   c.eval_every_steps = 500

@@ -1,4 +1,4 @@
-"""Accuracy and the six label-distribution-learning measures, as mergeable sums.
+"""Accuracy and the label-distribution-learning measures, as mergeable sums.
 
 Measures (Geng, "Label Distribution Learning", IEEE TKDE 2016), for a target
 distribution ``l`` and a prediction ``p`` over C classes, per example:
@@ -10,9 +10,21 @@ distribution ``l`` and a prediction ``p`` over C classes, per example:
 * Cosine        ``sum_j l_j p_j / (||l|| ||p||)``                   (similarity, higher is better)
 * Intersection  ``sum_j min(l_j, p_j)``                            (similarity)
 
+Five more, as PyLDL defines them (``EXTRA_MEASURES``; always computed, shown in tables
+on request, e.g. ``config.extra_measures`` or the sweep's ``--extra_measures``):
+
+* Euclidean     ``sqrt(sum_j (l_j - p_j)^2)``                       (distance)
+* Sorensen      ``sum_j |l_j - p_j| / sum_j (l_j + p_j)``           (distance)
+* Squared chi2  ``sum_j (l_j - p_j)^2 / (l_j + p_j)``               (distance)
+* Fidelity      ``sum_j sqrt(l_j p_j)``                             (similarity)
+* Jensen-Shannon ``(KL(l || m) + KL(p || m)) / 2``, ``m = (l + p) / 2`` (distance, in
+  [0, ln 2])
+
 Conventions: ``0 ln 0 = 0`` and ``0 / 0 = 0`` (a class where both are 0 adds nothing to
-Clark or Canberra); ``p`` is clipped below at the smallest normal float of its dtype
-inside KL, so a prediction that underflowed to 0 gives a large, finite KL.
+Clark, Canberra, squared chi2 or Jensen-Shannon); logarithms are natural; ``p`` is clipped
+below at the smallest normal float of its dtype inside KL, so a prediction that
+underflowed to 0 gives a large, finite KL (Jensen-Shannon needs no clipping: ``m > 0``
+wherever ``l`` or ``p`` is).
 
 Top-1 accuracy compares ``argmax p`` with the dominant label.
 
@@ -27,10 +39,14 @@ import jax
 import jax.numpy as jnp
 
 LDL_MEASURES = ("chebyshev", "clark", "canberra", "kl", "cosine", "intersection")
+EXTRA_MEASURES = ("euclidean", "sorensen", "squared_chi2", "fidelity", "jensen_shannon")
+ALL_MEASURES = LDL_MEASURES + EXTRA_MEASURES
 # True where higher is better.
 HIGHER_IS_BETTER = {"accuracy": True, "chebyshev": False, "clark": False,
                     "canberra": False, "kl": False, "cosine": True,
-                    "intersection": True, "loss": False}
+                    "intersection": True, "loss": False,
+                    "euclidean": False, "sorensen": False, "squared_chi2": False,
+                    "fidelity": True, "jensen_shannon": False}
 
 
 def _safe_div(num, den):
@@ -47,7 +63,7 @@ def ldl_measures(target, pred):
     pred: float ``[N, C]`` predicted distributions ``p``.
 
   Returns:
-    dict name -> float ``[N]`` for each name in ``LDL_MEASURES``.
+    dict name -> float ``[N]`` for each name in ``ALL_MEASURES``.
   """
   l = jnp.asarray(target)
   p = jnp.asarray(pred)
@@ -58,6 +74,11 @@ def ldl_measures(target, pred):
   tiny = jnp.finfo(dtype).tiny
   log_ratio = jnp.log(jnp.where(l > 0, l, 1)) - jnp.log(jnp.maximum(p, tiny))
   norm = jnp.linalg.norm(l, axis=-1) * jnp.linalg.norm(p, axis=-1)
+  # Jensen-Shannon: x ln(x / m) with m = (l + p) / 2 >= x / 2 > 0 wherever x > 0.
+  m = s / 2
+  log_m = jnp.log(jnp.where(m > 0, m, 1))
+  def _kl_to_m(x):
+    return jnp.sum(jnp.where(x > 0, x * (jnp.log(jnp.where(x > 0, x, 1)) - log_m), 0), -1)
   return {
       "chebyshev": jnp.max(jnp.abs(diff), axis=-1),
       "clark": jnp.sqrt(jnp.sum(_safe_div(diff**2, s**2), axis=-1)),
@@ -65,6 +86,12 @@ def ldl_measures(target, pred):
       "kl": jnp.sum(jnp.where(l > 0, l * log_ratio, 0), axis=-1),
       "cosine": _safe_div(jnp.sum(l * p, axis=-1), norm),
       "intersection": jnp.sum(jnp.minimum(l, p), axis=-1),
+      "euclidean": jnp.sqrt(jnp.sum(diff**2, axis=-1)),
+      "sorensen": _safe_div(jnp.sum(jnp.abs(diff), axis=-1), jnp.sum(s, axis=-1)),
+      "squared_chi2": jnp.sum(_safe_div(diff**2, s), axis=-1),
+      # clip: a float round-off below 0 would make sqrt's value (and gradient) nan.
+      "fidelity": jnp.sum(jnp.sqrt(jnp.maximum(l * p, 0)), axis=-1),
+      "jensen_shannon": (_kl_to_m(l) + _kl_to_m(p)) / 2,
   }
 
 
@@ -80,8 +107,8 @@ def batch_sums(probs, labels, distributions, mask=None, loss=None):
 
   Returns:
     dict of float32 scalars: ``count`` (number of real examples), ``accuracy`` (number
-    correct) and one sum per LDL measure (and ``loss``). Add dicts with ``merge`` or
-    ``jax.lax.psum``; turn into means with ``finalize``.
+    correct) and one sum per measure of ``ALL_MEASURES`` (and ``loss``). Add dicts
+    with ``merge`` or ``jax.lax.psum``; turn into means with ``finalize``.
   """
   n = probs.shape[0]
   m = jnp.ones((n,), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)

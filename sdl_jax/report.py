@@ -121,7 +121,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
 
 def measure_header(name: str) -> str:
   """``'kl'`` -> ``'KL (lower)'``: a measures-table header saying which way is better."""
-  pretty = {"kl": "KL", "accuracy": "accuracy"}.get(name, name.capitalize())
+  pretty = {"kl": "KL", "accuracy": "accuracy", "squared_chi2": "Squared chi2",
+            "sorensen": "Sorensen", "jensen_shannon": "Jensen-Shannon"
+            }.get(name, name.capitalize())
   if name not in metrics_lib.HIGHER_IS_BETTER:
     return pretty
   return f"{pretty} ({'higher' if metrics_lib.HIGHER_IS_BETTER[name] else 'lower'})"
@@ -373,38 +375,52 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str,
 
 def plot_sweep(points: Sequence[Mapping[str, Any]], path: str,
                metrics: Sequence[str] = ("accuracy", "kl"), x_key: str = "lam",
-               title: str | None = None) -> str:
-  """Metrics against lambda: mean over seeds with a band of one standard deviation, and
-  the single runs as dots (as in the paper's lambda figure).
+               title: str | None = None, group_key: str | None = None) -> str:
+  """Metrics against lambda: per group (e.g. method), the mean over runs with error bars
+  of one sample standard deviation, and the single runs as dots (as in the paper's
+  lambda figure).
 
   Args:
-    points: one dict per run with ``x_key`` and each of ``metrics``.
+    points: one dict per run with ``x_key`` and each of ``metrics`` (and ``group_key``).
     path: the PNG to write.
     metrics: one panel each.
+    group_key: one line per value of this key (``None``: one line for all runs).
 
   Returns:
     ``path``.
   """
   fig = _figure(4.2 * len(metrics), 3.2)
-  xs = sorted({float(p[x_key]) for p in points})
+  groups = sorted({str(p.get(group_key)) for p in points}) if group_key else [None]
+  colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
   for i, name in enumerate(metrics):
     ax = fig.add_subplot(1, len(metrics), i + 1)
-    mean, std = [], []
-    for x in xs:
-      v = np.asarray([p[name] for p in points if float(p[x_key]) == x], np.float64)
-      mean.append(v.mean())
-      std.append(v.std(ddof=1) if v.size > 1 else 0.0)
-    mean, std = np.asarray(mean), np.asarray(std)
-    ax.plot(xs, mean, marker="o", color="tab:blue", label="mean over seeds")
-    ax.fill_between(xs, mean - std, mean + std, color="tab:blue", alpha=0.2,
-                    label="+/- 1 std")
-    ax.scatter([float(p[x_key]) for p in points], [p[name] for p in points], s=10,
-               color="black", alpha=0.6, label="single runs")
+    for g, group in enumerate(groups):
+      members = [p for p in points if p.get(name) is not None
+                 and (group is None or str(p.get(group_key)) == group)]
+      xs = sorted({float(p[x_key]) for p in members})
+      if not xs:
+        continue
+      stats = [mean_std([p[name] for p in members if float(p[x_key]) == x]) for x in xs]
+      colour = colours[g % len(colours)]
+      label = "mean +/- 1 sd" if group is None else f"{group}: mean +/- 1 sd"
+      ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
+                  capsize=3, color=colour, label=label)
+      ax.scatter([float(p[x_key]) for p in members], [p[name] for p in members], s=10,
+                 color=colour, alpha=0.5)
     ax.set_xlabel("lambda" if x_key == "lam" else x_key)
     ax.set_ylabel(measure_header(name))
     ax.grid(alpha=0.3)
     if i == 0:
-      ax.legend(fontsize=7)
+      ax.legend(fontsize=7, title="dots: single runs", title_fontsize=7)
   if title:
     fig.suptitle(title)
   return _save(fig, path)
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+  """Mean and sample standard deviation (``ddof=1``; 0 for one value) of ``values``,
+  ``(None, None)`` when there are none."""
+  v = np.asarray(values, np.float64)
+  if not v.size:
+    return None, None
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0

@@ -1,46 +1,80 @@
-r"""The lambda sweep: one preset trained for several ``lam`` values and seeds.
+r"""Sweeps: one preset trained for several lambdas, seeds, data splits and methods.
 
     python -m sdl_jax.sweep --config=configs/sdl.py --lams=0,0.5,0.8,1 --seeds=0,1 \
         --workdir=workdirs/sweep
+    python -m sdl_jax.sweep --config=configs/sdl.py:flickr_ldl --config.data.path=P \
+        --lams=0,0.8 --split_seeds=0,1,2 --methods=probe,finetune --workdir=S
 
-trains the config once per ``(lam, seed)`` into sibling work directories
-``<workdir>/lam=0.8_seed=0`` etc. (``config.lam`` and ``config.seed`` set, everything else
-as given, ``--config.*`` overrides included), then writes
+runs the config once per ``(method, lam, split seed, seed)`` into sibling work directories
+``<workdir>/lam=0.8_seed=0``, ``<workdir>/probe_lam=0.8_split=1_seed=0`` etc.
+(``config.lam``, ``config.seed``, ``config.data.split_seed`` and ``config.probe`` set,
+everything else as given, ``--config.*`` overrides included; the split seed appears in
+the names only when ``--split_seeds`` is given, the method only for the probe). Probe
+runs of one split share their cached backbone features
+(``<workdir>/probe_features/split=<s>``). Then it writes
 
-* ``<workdir>/sweep.json``: every run's test measures (of its best checkpoint on
-  validation, as in its ``results.json``) and, per lambda, their mean, standard deviation
-  (``ddof=1``; 0 for a single seed) and number of seeds;
-* ``<workdir>/sweep.md``: the same as tables, with the command that produced it;
-* ``<workdir>/sweep.png``: test accuracy and KL against lambda, mean over seeds with a
-  band of one standard deviation and the single runs as dots (the paper's lambda
+* ``<workdir>/sweep.json``: every run's test measures (fine-tuning: of its best
+  checkpoint on validation; probe: of the head whose weight decay was best on
+  validation; as in its ``results.json``) and, per method and lambda, their mean, sample
+  standard deviation (``ddof=1``; 0 for a single run) and number of runs (seeds x split
+  seeds): the spread over repeated splits;
+* ``<workdir>/sweep.md``: the same as tables (rows method x lambda; accuracy and the six
+  LDL measures, ``--extra_measures`` adds the five of ``metrics.EXTRA_MEASURES``), with
+  the command that produced it;
+* ``<workdir>/sweep.png``: test accuracy and KL against lambda, one line per method with
+  error bars of one standard deviation, the single runs as dots (the paper's lambda
   figure).
 
 A run whose ``results.json`` holds test measures is finished and skipped; an unfinished
 one resumes from its latest checkpoint (``train.train_and_evaluate`` does that), so the
-same command continues an interrupted sweep.
+same command continues an interrupted sweep, and with every run finished only
+re-summarises. ``--summarize_only`` trains nothing and summarises every finished run
+directory found in ``--workdir`` (method, lambda and seeds read from each run's
+``results.json`` / ``config.json``), e.g. runs gathered from several machines.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
 from typing import Any, Callable, Sequence
 
 from absl import logging
-import numpy as np
 
+from sdl_jax import aggregate
 from sdl_jax import metrics as metrics_lib
-from sdl_jax import report
 
-SUMMARY_MEASURES = ("accuracy",) + metrics_lib.LDL_MEASURES
+SUMMARY_MEASURES = aggregate.SUMMARY_MEASURES
+METHODS = aggregate.METHODS
 
 
-def run_name(lam: float, seed: int) -> str:
-  """``'lam=0.8_seed=0'``: the sub-directory of one run (``lam`` as Python writes it)."""
-  return f"lam={float(lam):g}_seed={int(seed)}"
+def run_name(lam: float, seed: int, split_seed: int | None = None,
+             method: str = "finetune") -> str:
+  """``'lam=0.8_seed=0'``: the sub-directory of one run (``lam`` as Python writes it);
+  ``'probe_lam=0.8_split=1_seed=0'`` for a probe run whose data split seed is swept."""
+  prefix = "" if method == "finetune" else f"{method}_"
+  split = "" if split_seed is None else f"_split={int(split_seed)}"
+  return f"{prefix}lam={float(lam):g}{split}_seed={int(seed)}"
+
+
+def config_method(config) -> str:
+  """``'probe'`` if ``config.probe`` is set, else ``'finetune'``."""
+  return "probe" if config.get("probe") else "finetune"
+
+
+def parse_methods(text: str, what: str = "--methods") -> list[str]:
+  """``'probe,finetune'`` -> ``['probe', 'finetune']``; ValueError naming ``what``."""
+  out = [m.strip() for m in str(text).split(",") if m.strip()]
+  for m in out:
+    if m not in METHODS:
+      raise ValueError(f"{what}: {m!r} is not a method (expected {', '.join(METHODS)})")
+  if not out:
+    raise ValueError(f"{what} is empty")
+  if len(set(out)) != len(out):
+    raise ValueError(f"{what} {out} must not repeat values")
+  return out
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -75,141 +109,133 @@ def parse_ints(text: str, what: str) -> list[int]:
   return out
 
 
-def check_grid(lams: Sequence[float], seeds: Sequence[int]) -> None:
-  """ValueError unless every lambda is in [0, 1] and no lambda or seed repeats."""
+def check_grid(lams: Sequence[float], seeds: Sequence[int],
+               split_seeds: Sequence[int] | None = None) -> None:
+  """ValueError unless every lambda is in [0, 1] and no lambda, seed or split seed
+  repeats."""
   for lam in lams:
     if math.isnan(float(lam)) or not 0.0 <= float(lam) <= 1.0:
       raise ValueError(f"--lams: every lambda must be in [0, 1], got {lam}")
   if len(set(run_name(l, 0) for l in lams)) != len(lams) or len(set(seeds)) != len(seeds):
     raise ValueError(f"--lams {list(lams)} and --seeds {list(seeds)} must not repeat values")
+  if split_seeds is not None and len(set(split_seeds)) != len(split_seeds):
+    raise ValueError(f"--split_seeds {list(split_seeds)} must not repeat values")
 
 
-def finished_results(run_dir: str) -> dict | None:
-  """The run's ``results.json`` if it holds test measures, else ``None``."""
-  path = os.path.join(run_dir, "results.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    results = json.load(f)
-  return results if isinstance(results.get("test"), dict) else None
-
-
-def summarize(points: Sequence[dict[str, Any]],
-              measures: Sequence[str] = SUMMARY_MEASURES) -> list[dict[str, Any]]:
-  """Per lambda (ascending): ``{'lam', 'n', 'seeds', <m>_mean, <m>_std}`` for each measure.
-
-  ``std`` is the sample standard deviation over seeds (``ddof=1``), 0 for one seed.
-  """
-  out = []
-  for lam in sorted({float(p["lam"]) for p in points}):
-    group = [p for p in points if float(p["lam"]) == lam]
-    row: dict[str, Any] = {"lam": lam, "n": len(group),
-                           "seeds": sorted(int(p["seed"]) for p in group)}
-    for m in measures:
-      v = np.asarray([p[m] for p in group], np.float64)
-      row[f"{m}_mean"] = float(v.mean())
-      row[f"{m}_std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
-    out.append(row)
-  return out
-
-
-def _markdown(points, summary, command, preset) -> str:
-  lines = [f"# Lambda sweep{f' ({preset})' if preset else ''}\n",
-           f"Produced by `{command}`.\n" if command else "",
-           "Test measures of each run's best checkpoint on validation; mean +/- standard "
-           "deviation over seeds.\n\n"]
-  rows = []
-  for s in summary:
-    row = {"lam": f"{s['lam']:g}", "n": s["n"]}
-    for m in SUMMARY_MEASURES:
-      row[m] = f"{s[m + '_mean']:.4f} +/- {s[m + '_std']:.4f}"
-    rows.append(row)
-  lines.append(report.markdown_table(
-      rows, ("lam", "n") + SUMMARY_MEASURES,
-      ["lambda", "seeds"] + [report.measure_header(m) for m in SUMMARY_MEASURES]))
-  lines.append("\n![accuracy and KL against lambda](sweep.png)\n\n## Runs\n\n")
-  lines.append(report.markdown_table(
-      points, ("run", "lam", "seed", "best_step") + SUMMARY_MEASURES,
-      ["work directory", "lambda", "seed", "best step"]
-      + [report.measure_header(m) for m in SUMMARY_MEASURES]))
-  return "".join(lines)
+def _run_config(config, workdir, method, lam, seed, split_seed):
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.lam = float(lam)
+    cfg.seed = int(seed)
+    cfg.probe = method == "probe"
+    if split_seed is not None:
+      cfg.data.split_seed = int(split_seed)
+    if cfg.probe and not cfg.get("probe_feature_dir"):
+      # The features depend on the split, not on lambda: runs of a split share them.
+      split = cfg.data.get("split_seed", 0)
+      cfg.probe_feature_dir = os.path.join(workdir, "probe_features", f"split={split}")
+  return cfg
 
 
 def run_sweep(config, workdir: str, lams: Sequence[float], seeds: Sequence[int],
               train_fn: Callable[[Any, str], Any] | None = None,
-              command: str | None = None) -> dict[str, Any]:
-  """Trains every ``(lam, seed)`` not finished yet, then writes the sweep summary.
+              command: str | None = None, split_seeds: Sequence[int] | None = None,
+              methods: Sequence[str] | None = None,
+              extra_measures: bool = False) -> dict[str, Any]:
+  """Trains every ``(method, lam, split_seed, seed)`` not finished yet, then writes the
+  sweep summary.
 
   Args:
     config: the run config (a ConfigDict); it is copied, not changed.
-    workdir: the sweep's directory; run ``r`` goes to ``workdir/run_name(lam, seed)``.
+    workdir: the sweep's directory; a run goes to ``workdir/run_name(...)``.
     lams: lambda values in [0, 1].
     seeds: values of ``config.seed``.
-    train_fn: ``(config, workdir) -> results``; default ``train.train_and_evaluate``.
+    train_fn: ``(config, workdir) -> results``; default ``train.train_and_evaluate``
+      (which runs the probe when ``config.probe``).
     command: the command line, for ``sweep.md``.
+    split_seeds: values of ``config.data.split_seed``; ``None``: the config's, not swept
+      (and not in the run names).
+    methods: ``'finetune'`` and/or ``'probe'`` (sets ``config.probe``); default the
+      config's.
+    extra_measures: also summarise ``metrics.EXTRA_MEASURES``.
 
   Returns:
     the dict written to ``sweep.json``.
   """
-  check_grid(lams, seeds)
+  check_grid(lams, seeds, split_seeds)
+  methods = list(methods or [config_method(config)])
+  parse_methods(",".join(methods))
+  measures = SUMMARY_MEASURES + (metrics_lib.EXTRA_MEASURES if extra_measures else ())
   if train_fn is None:
     from sdl_jax import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
   os.makedirs(workdir, exist_ok=True)
   points = []
-  for lam in lams:
-    for seed in seeds:
-      name = run_name(lam, seed)
-      run_dir = os.path.join(workdir, name)
-      results = finished_results(run_dir)
-      if results is None:
-        cfg = copy.deepcopy(config)
-        with cfg.unlocked():
-          cfg.lam = float(lam)
-          cfg.seed = int(seed)
-        logging.info("sweep: training %s", run_dir)
-        print(f"sweep: training {name}", flush=True)
-        returned = train_fn(cfg, run_dir)
-        if isinstance(returned, dict) and returned.get("interrupted"):
-          raise KeyboardInterrupt(
-              f"sweep stopped: run {run_dir} was interrupted ({returned.get('signal')}); "
-              "run the same command to resume")
-        results = finished_results(run_dir)
-        if results is None:
-          raise RuntimeError(f"{run_dir}/results.json holds no test measures after training")
-      else:
-        print(f"sweep: {name} finished before, skipped", flush=True)
-      test = results["test"]
-      point = {"run": name, "lam": float(lam), "seed": int(seed),
-               "best_step": results.get("best_step")}
-      point.update({m: float(test[m]) for m in SUMMARY_MEASURES})
-      points.append(point)
-
-  summary = summarize(points)
-  out = {"preset": config.get("name"), "lams": [float(l) for l in lams],
-         "seeds": [int(s) for s in seeds], "command": command, "runs": points,
-         "summary": summary}
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump(out, f, indent=2)
-  report.plot_sweep(points, os.path.join(workdir, "sweep.png"),
-                    title=f"{config.get('name') or 'sweep'}: test measures against lambda")
-  with open(os.path.join(workdir, "sweep.md"), "w") as f:
-    f.write(_markdown(points, summary, command, config.get("name")))
-  return out
+  for method in methods:
+    for lam in lams:
+      for split_seed in (split_seeds if split_seeds is not None else [None]):
+        for seed in seeds:
+          name = run_name(lam, seed, split_seed, method)
+          run_dir = os.path.join(workdir, name)
+          results = aggregate.finished_results(run_dir)
+          if results is None:
+            logging.info("sweep: training %s", run_dir)
+            print(f"sweep: training {name}", flush=True)
+            returned = train_fn(_run_config(config, workdir, method, lam, seed, split_seed),
+                                run_dir)
+            if isinstance(returned, dict) and returned.get("interrupted"):
+              raise KeyboardInterrupt(
+                  f"sweep stopped: run {run_dir} was interrupted "
+                  f"({returned.get('signal')}); run the same command to resume")
+            results = aggregate.finished_results(run_dir)
+            if results is None:
+              raise RuntimeError(f"{run_dir}/results.json holds no test measures after "
+                                 "training")
+          else:
+            print(f"sweep: {name} finished before, skipped", flush=True)
+          split = split_seed if split_seed is not None else config.data.get("split_seed")
+          points.append(aggregate.make_point(name, results, method=method, lam=lam,
+                                             seed=seed, split_seed=split,
+                                             measures=measures))
+  grid = {"methods": methods, "lams": [float(l) for l in lams],
+          "split_seeds": None if split_seeds is None else [int(s) for s in split_seeds],
+          "seeds": [int(s) for s in seeds]}
+  return aggregate.write_summary(workdir, points, preset=config.get("name"),
+                                 command=command, measures=measures, grid=grid)
 
 
-def main(config, workdir: str, lams: str, seeds: str) -> int:
+def _print_summary(out, workdir):
+  for s in out["summary"]:
+    print(f"{s['method']} lam={s['lam']:g}: accuracy "
+          f"{aggregate.pm(s['accuracy_mean'], s['accuracy_std'])}, "
+          f"KL {aggregate.pm(s['kl_mean'], s['kl_std'])} ({s['n']} run(s))", flush=True)
+  print(f"sweep written to {os.path.join(workdir, 'sweep.md')}", flush=True)
+
+
+def main(config, workdir: str, lams: str, seeds: str, split_seeds: str = "",
+         methods: str = "", extra_measures: bool = False,
+         summarize_only: bool = False) -> int:
   """``--mode=sweep`` / ``python -m sdl_jax.sweep``."""
   if not workdir:
     raise ValueError("--workdir is required for a sweep (the runs go into sub-directories)")
   argv = list(sys.argv)
+  if argv and os.path.basename(argv[0]) == "sweep.py":
+    argv[0] = "-m sdl_jax.sweep"  # as it was typed, not the module's path on this disk
   command = " ".join(["python"] + argv) if argv else None
-  out = run_sweep(config, workdir, parse_floats(lams, "--lams"), parse_ints(seeds, "--seeds"),
-                  command=command)
-  for s in out["summary"]:
-    print(f"lam={s['lam']:g}: accuracy {s['accuracy_mean']:.4f} +/- {s['accuracy_std']:.4f}, "
-          f"KL {s['kl_mean']:.4f} +/- {s['kl_std']:.4f} ({s['n']} seed(s))", flush=True)
-  print(f"sweep written to {os.path.join(workdir, 'sweep.md')}", flush=True)
+  measures = SUMMARY_MEASURES + (metrics_lib.EXTRA_MEASURES if extra_measures else ())
+  if summarize_only:
+    out = aggregate.write_summary(
+        workdir, aggregate.collect_points(workdir, measures),
+        preset=config.get("name") if config is not None else None, command=command,
+        measures=measures)
+  else:
+    out = run_sweep(config, workdir, parse_floats(lams, "--lams"),
+                    parse_ints(seeds, "--seeds"), command=command,
+                    split_seeds=parse_ints(split_seeds, "--split_seeds")
+                    if str(split_seeds).strip() else None,
+                    methods=parse_methods(methods) if str(methods).strip() else None,
+                    extra_measures=extra_measures)
+  _print_summary(out, workdir)
   return 0
 
 
@@ -218,12 +244,20 @@ def _app_main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  flags_ = flags.FLAGS
+  f = flags.FLAGS
   try:  # Argument errors before any training, as usage errors.
-    check_grid(parse_floats(flags_.lams, "--lams"), parse_ints(flags_.seeds, "--seeds"))
+    if not f.summarize_only:
+      if f.config is None:
+        raise ValueError("--config is required (unless --summarize_only)")
+      check_grid(parse_floats(f.lams, "--lams"), parse_ints(f.seeds, "--seeds"),
+                 parse_ints(f.split_seeds, "--split_seeds") if f.split_seeds.strip()
+                 else None)
+      if f.methods.strip():
+        parse_methods(f.methods)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  return main(flags_.config, flags_.workdir, flags_.lams, flags_.seeds)
+  return main(f.config, f.workdir, f.lams, f.seeds, f.split_seeds, f.methods,
+              f.extra_measures, f.summarize_only)
 
 
 def _define_flags():
@@ -235,7 +269,18 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "The sweep's directory (one sub-directory per run).")
   flags.DEFINE_string("lams", "0,0.2,0.4,0.6,0.8,1", "Comma-separated lambda values.")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds (config.seed).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_string("split_seeds", "",
+                      "Comma-separated data split seeds (config.data.split_seed); empty: "
+                      "the config's, not swept.")
+  flags.DEFINE_string("methods", "",
+                      "Comma-separated methods: finetune, probe (config.probe); empty: the "
+                      "config's.")
+  flags.DEFINE_bool("extra_measures", False,
+                    "Also summarise Euclidean, Sorensen, squared chi2, fidelity and "
+                    "Jensen-Shannon.")
+  flags.DEFINE_bool("summarize_only", False,
+                    "Train nothing: summarise every finished run directory in --workdir.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":

@@ -509,6 +509,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     The results dict also written to ``workdir/results.json`` (with ``interrupted: True``
     and no test metrics if a signal stopped the run).
   """
+  if config.get("probe"):  # frozen backbone + linear head on cached features instead
+    from sdl_jax import probe  # pylint: disable=g-import-not-at-top
+    return probe.probe_and_evaluate(config, workdir)
   t_start = time.time()
   quiet_library_logs()
   _maybe_initialize_distributed(config)

@@ -29,6 +29,35 @@ def _np_measures(l, p):
   return {k: np.array(v) for k, v in out.items()}
 
 
+def _np_extra_measures(l, p):
+  """PyLDL's Euclidean, Sorensen, squared chi2, fidelity and Jensen-Shannon, per example
+  with explicit loops over classes; 0 ln 0 = 0, 0/0 = 0."""
+  out = {k: [] for k in M.EXTRA_MEASURES}
+  for li, pi in zip(np.asarray(l, np.float64), np.asarray(p, np.float64)):
+    sq = absdiff = total = chi2 = fid = js = 0.0
+    for a, b in zip(li, pi):
+      sq += (a - b)**2
+      absdiff += abs(a - b)
+      total += a + b
+      if a + b > 0:
+        chi2 += (a - b)**2 / (a + b)
+      fid += np.sqrt(a * b)
+      mid = (a + b) / 2
+      for x in (a, b):
+        if x > 0:
+          js += 0.5 * x * np.log(x / mid)
+    out["euclidean"].append(np.sqrt(sq))
+    out["sorensen"].append(absdiff / total)
+    out["squared_chi2"].append(chi2)
+    out["fidelity"].append(fid)
+    out["jensen_shannon"].append(js)
+  return {k: np.array(v) for k, v in out.items()}
+
+
+def _np_all_measures(l, p):
+  return {**_np_measures(l, p), **_np_extra_measures(l, p)}
+
+
 def test_hand_worked_example():
   l = np.array([[0.5, 0.5, 0.0]])
   p = np.array([[0.25, 0.5, 0.25]])
@@ -41,6 +70,21 @@ def test_hand_worked_example():
   # l.p = 0.125 + 0.25 = 0.375; |l| = sqrt(0.5), |p| = sqrt(0.375).
   assert got["cosine"] == pytest.approx(0.375 / (np.sqrt(0.5) * np.sqrt(0.375)))
   assert got["intersection"] == pytest.approx(0.75)
+  assert got["euclidean"] == pytest.approx(np.sqrt(0.25**2 + 0.25**2))
+  # Sorensen: (0.25 + 0 + 0.25) / 2; squared chi2: 0.0625/0.75 + 0 + 0.0625/0.25.
+  assert got["sorensen"] == pytest.approx(0.25)
+  assert got["squared_chi2"] == pytest.approx(1 / 12 + 1 / 4)
+  assert got["fidelity"] == pytest.approx(np.sqrt(0.125) + 0.5)
+  # m = (0.375, 0.5, 0.125): JS = (0.5 ln(0.5/0.375) + 0.25 ln(0.25/0.375)
+  #                               + 0.25 ln(0.25/0.125)) / 2.
+  assert got["jensen_shannon"] == pytest.approx(
+      (0.5 * np.log(4 / 3) + 0.25 * np.log(2 / 3) + 0.25 * np.log(2)) / 2)
+
+
+def test_every_measure_has_a_direction():
+  for k in ("accuracy",) + M.ALL_MEASURES:
+    assert k in M.HIGHER_IS_BETTER, k
+  assert M.HIGHER_IS_BETTER["fidelity"] and not M.HIGHER_IS_BETTER["jensen_shannon"]
 
 
 def test_random_against_numpy_definitions():
@@ -51,8 +95,9 @@ def test_random_against_numpy_definitions():
   l /= l.sum(1, keepdims=True)
   p = rng.dirichlet(np.ones(8), size=50)
   got = M.ldl_measures(l, p)
-  want = _np_measures(l, p)
-  for k in M.LDL_MEASURES:
+  want = _np_all_measures(l, p)
+  assert set(got) == set(M.ALL_MEASURES)
+  for k in M.ALL_MEASURES:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
@@ -61,9 +106,10 @@ def test_identical_distributions_give_ideal_values_and_bounds_hold():
   l = rng.dirichlet(np.ones(8), size=20)
   l[0] = [1, 0, 0, 0, 0, 0, 0, 0]
   got = M.ldl_measures(l, l)
-  for k in ("chebyshev", "clark", "canberra", "kl"):
+  for k in ("chebyshev", "clark", "canberra", "kl", "euclidean", "sorensen", "squared_chi2",
+            "jensen_shannon"):
     np.testing.assert_allclose(got[k], 0.0, atol=1e-6, err_msg=k)
-  for k in ("cosine", "intersection"):
+  for k in ("cosine", "intersection", "fidelity"):
     np.testing.assert_allclose(got[k], 1.0, atol=1e-6, err_msg=k)
   p = rng.dirichlet(np.ones(8), size=20)
   got = M.ldl_measures(l, p)
@@ -72,6 +118,9 @@ def test_identical_distributions_give_ideal_values_and_bounds_hold():
   assert (got["canberra"] <= c).all() and (got["kl"] >= 0).all()
   assert ((got["cosine"] >= 0) & (got["cosine"] <= 1 + 1e-6)).all()
   assert ((got["intersection"] >= 0) & (got["intersection"] <= 1 + 1e-6)).all()
+  assert (got["euclidean"] <= np.sqrt(2)).all() and (got["sorensen"] <= 1).all()
+  assert (got["squared_chi2"] <= 2).all() and (got["fidelity"] <= 1 + 1e-6).all()
+  assert ((got["jensen_shannon"] >= 0) & (got["jensen_shannon"] <= np.log(2) + 1e-6)).all()
 
 
 def test_zero_prediction_gives_finite_kl():
@@ -88,8 +137,8 @@ def test_accuracy_and_masked_sums_merge_exactly():
   full = M.finalize(M.batch_sums(p, y, l))
   assert full["count"] == n
   assert full["accuracy"] == pytest.approx(np.mean(p.argmax(1) == y))
-  want = _np_measures(l, p)
-  for k in M.LDL_MEASURES:
+  want = _np_all_measures(l, p)
+  for k in M.ALL_MEASURES:
     assert full[k] == pytest.approx(want[k].mean(), rel=1e-5), k
   # Batches of 8, the last padded with garbage rows (nan included) and masked.
   sums = None
