@@ -104,9 +104,16 @@ def _base() -> ml_collections.ConfigDict:
   # holds them.
   c.extra_measures = False
 
+  # The new head's initial weights: 'random' (flax's initialiser), or 'probe': fitted by
+  # the linear probe on the frozen pretrained body's features first (sdl_jax/probe.py;
+  # features cached in <workdir>/features), then fine-tuned with the body ("LP-FT").
+  c.head_init = "random"
+
   # Loop, logging, checkpoints.
   c.log_every_steps = 50
   c.eval_every_steps = 500
+  # When set, validate every this many epochs instead (e.g. 1.0: once an epoch).
+  c.eval_every_epochs = config_dict.placeholder(float)
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
   c.best_metric = "kl"       # a key of sdl_jax.metrics.HIGHER_IS_BETTER
@@ -244,24 +251,33 @@ def _paper(c):
 
 
 def _published(c, data_name):
-  """The paper's protocol on a published set, with EfficientNet-Lite2 from ImageNet.
+  """The paper's protocol on a published set, fine-tuning ImageNet EfficientNet-Lite0.
 
-  The optimiser is the released recipe's (SGD momentum 0.9, new head 10x, biases 2x:
-  the base config's values) with a rate, decay and schedule suited to Lite2.
+  Linear probe, then fine-tune (``head_init='probe'``): the new head starts as the linear
+  probe fitted on the frozen body's features (minutes), then the whole network trains at
+  one small rate. On the shared Flickr_LDL set (2,100 images, split seed 0, lam 0.8,
+  2026-12-05) plain fine-tuning (random head at 10x a 1e-3 rate, 10 epochs) reached test
+  KL 0.529 against the linear probe's 0.503 (RESULTS.md). 192 px keeps a run on a 2-core
+  CPU within minutes per thousand training images; the SGD momentum is the release's.
   """
   c.name = data_name
   c.data.name = data_name
-  c.model = "efficientnet_lite2"
-  c.pretrained = "efficientnet_lite2"
+  c.model = "efficientnet_lite0"
+  c.pretrained = "efficientnet_lite0"
   c.model_kwargs = ml_collections.ConfigDict({"dropout_rate": 0.2})
-  c.image_size = 260
-  c.resize_size = 292
-  # Lite's BatchNorm body tolerates a larger rate than VGG's 1e-4.
-  c.learning_rate = 1e-3
+  c.image_size = 192
+  c.resize_size = 220
+  c.head_init = "probe"
+  c.learning_rate = 3e-4
+  c.head_lr_mult = 1.0       # the probe's head is already fitted: no 10x
   c.weight_decay = 5e-4
   c.schedule = "cosine"
-  c.warmup_steps = 200
-  c.num_epochs = 20.0
+  c.warmup_steps = 20
+  c.num_epochs = 3.0
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 500
+  c.eval_flip = True
+  c.log_every_steps = 50
 
 
 def _fi(c):

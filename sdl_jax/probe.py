@@ -280,6 +280,71 @@ def select_head(z, data, config) -> tuple[dict, list[dict], int]:
   return heads[best], rows, best
 
 
+def probe_features(config, builder, feature_dir: str, make_variables, make_model) -> dict:
+  """Every split's cached backbone features (``cached_features``), as
+  ``{split: {'views': float32 [V, N, F], 'label', 'distribution'}, 'computed': int}``
+  (V = 2 with ``config.probe_flip``, the second view mirrored). ``make_variables()`` and
+  ``make_model()`` give the frozen backbone; they are called only if a split's features
+  must be computed."""
+
+  @functools.cache
+  def make_feature_fn():
+    model = make_model()
+    apply = jax.jit(feature_apply(model.apply, models.get_spec(config.model).head))
+    variables = make_variables()
+    return lambda images: apply(variables, images)
+
+  view_flags = (False, True) if config.get("probe_flip") else (False,)
+  data, computed = {}, 0
+  for split in SPLITS:
+    views = []
+    for mirrored in view_flags:
+      got = cached_features(config, builder, split, feature_dir, make_feature_fn, mirrored)
+      computed += not got["cached"]
+      views.append(got["features"])
+    data[split] = {"label": got["label"], "distribution": got["distribution"],
+                   "views": np.stack(views)}
+  data["computed"] = computed
+  return data
+
+
+def fit_probe(config, data):
+  """Standardises ``probe_features``'s output and selects the head on validation.
+
+  Returns:
+    (head ``{'w', 'b'}`` on standardised features, grid rows, best index, ``(mu, sigma)``,
+    the standardised views per split).
+  """
+  train_views = data["train"]["views"]
+  mu, sigma = standardizer(train_views.reshape(-1, train_views.shape[-1]))
+  z = {s: (data[s]["views"] - mu) / sigma for s in SPLITS}
+  head, grid, best = select_head(z, data, config)
+  return head, grid, best, (mu, sigma), z
+
+
+def head_for_raw_features(head, mu, sigma) -> dict:
+  """The probe's head as a dense layer on raw features ``h``: since
+  ``z = (h - mu) / sigma``, ``z W + b = h (W / sigma[:, None]) + (b - (mu / sigma) W)``.
+  Returns flax Dense params ``{'kernel': float32 [F, C], 'bias': float32 [C]}``."""
+  w = np.asarray(head["w"], np.float64)
+  scaled = w / np.asarray(sigma, np.float64)[:, None]
+  bias = np.asarray(head["b"], np.float64) - (np.asarray(mu, np.float64)
+                                               / np.asarray(sigma, np.float64)) @ w
+  return {"kernel": scaled.astype(np.float32), "bias": bias.astype(np.float32)}
+
+
+def probe_initialised_head(config, builder, model, variables, feature_dir: str) -> dict:
+  """Linear-probe-then-fine-tune (LP-FT, Kumar et al. 2022): the head, as flax Dense
+  params of ``model``'s classifier, that the probe fits on the frozen features of
+  ``variables`` (the pretrained body about to be fine-tuned)."""
+  data = probe_features(config, builder, feature_dir, lambda: variables, lambda: model)
+  head, grid, best, (mu, sigma), _ = fit_probe(config, data)
+  print(f"head initialised from the linear probe (weight decay "
+        f"{grid[best]['weight_decay']:g}, validation {config.best_metric} "
+        f"{grid[best]['validation'][config.best_metric]:.4f})", flush=True)
+  return head_for_raw_features(head, mu, sigma)
+
+
 def probe_and_evaluate(config, workdir: str | None = None) -> dict:
   """Caches the backbone's features, fits and selects the linear head, tests it.
 
@@ -300,27 +365,14 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
-  @functools.cache
-  def make_feature_fn():  # the backbone is built (and its weights read) only if needed
-    model = train.create_model(config, num_classes)
-    apply = jax.jit(feature_apply(model.apply, models.get_spec(config.model).head))
-    variables = backbone_variables(config, model, int(config.seed))
-    return lambda images: apply(variables, images)
-
-  view_flags = (False, True) if config.get("probe_flip") else (False,)
-  data, computed = {}, 0
-  for split in SPLITS:
-    views = []
-    for mirrored in view_flags:
-      got = cached_features(config, builder, split, feature_dir, make_feature_fn, mirrored)
-      computed += not got["cached"]
-      views.append(got["features"])
-    data[split] = {"label": got["label"], "distribution": got["distribution"]}
-    data[split]["views"] = np.stack(views)
+  model = functools.cache(lambda: train.create_model(config, num_classes))
+  data = probe_features(config, builder, feature_dir,
+                        lambda: backbone_variables(config, model(), int(config.seed)),
+                        model)
   t_features = time.time() - t_start
-  mu, sigma = standardizer(data["train"]["views"].reshape(-1, data["train"]["views"].shape[-1]))
-  z = {s: (data[s]["views"] - mu) / sigma for s in SPLITS}
-  head, grid, best = select_head(z, data, config)
+  head, grid, best, (mu, _), z = fit_probe(config, data)
+  view_flags = data["train"]["views"].shape[0]
+  computed = data["computed"]
   test = measures(head, z["test"], data["test"]["label"], data["test"]["distribution"],
                   float(config.lam))
   results = {
@@ -334,7 +386,7 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
       "probe": {"weight_decay": grid[best]["weight_decay"], "grid": grid,
                 "steps": int(config.probe_steps),
                 "learning_rate": float(config.probe_learning_rate),
-                "feature_dim": int(mu.shape[0]), "mirrored": len(view_flags) == 2,
+                "feature_dim": int(mu.shape[0]), "mirrored": view_flags == 2,
                 "feature_dir": feature_dir, "feature_splits_computed": computed,
                 "feature_time_s": t_features},
       "wall_time_s": time.time() - t_start,

@@ -130,8 +130,10 @@ def _run_config(config, workdir, method, lam, seed, split_seed):
     cfg.probe = method == "probe"
     if split_seed is not None:
       cfg.data.split_seed = int(split_seed)
-    if cfg.probe and not cfg.get("probe_feature_dir"):
-      # The features depend on the split, not on lambda: runs of a split share them.
+    if ((cfg.probe or cfg.get("head_init") == "probe")
+        and not cfg.get("probe_feature_dir")):
+      # The features depend on the split, not on lambda or on the method (a fine-tuned
+      # run's head may start as the probe's): runs of a split share them.
       split = cfg.data.get("split_seed", 0)
       cfg.probe_feature_dir = os.path.join(workdir, "probe_features", f"split={split}")
   return cfg

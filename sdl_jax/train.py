@@ -399,6 +399,10 @@ def validate_config(config) -> None:
   for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if int(config[name]) <= 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.get("head_init", "random") not in ("random", "probe"):
+    raise ValueError(f"config.head_init must be 'random' or 'probe', got {config.head_init!r}")
+  if config.get("eval_every_epochs") is not None and float(config.eval_every_epochs) <= 0:
+    raise ValueError(f"config.eval_every_epochs must be positive, got {config.eval_every_epochs}")
   models.get_spec(config.model)
   if config.model != "small_cnn" and not config.get("pretrained"):
     logging.warning(
@@ -495,6 +499,26 @@ def _load_data(config):
   return data.get_builder(config.data)
 
 
+def head_from_probe(state: TrainState, config, builder, model, workdir: str) -> TrainState:
+  """``state`` with its head replaced by the linear probe's on the frozen body's features
+  (``sdl_jax.probe.probe_initialised_head``; features cached in
+  ``config.probe_feature_dir``, default ``workdir/features``):
+  linear probing then fine-tuning, which keeps a random head's large early gradients
+  from distorting the pretrained features."""
+  from sdl_jax import probe  # pylint: disable=g-import-not-at-top
+  head = models.get_spec(config.model).head
+  params = flax.core.unfreeze(state.params)
+  fitted = probe.probe_initialised_head(config, builder, model, _variables(state),
+                                        config.get("probe_feature_dir")
+                                        or os.path.join(workdir, "features"))
+  for name, value in fitted.items():
+    if params[head][name].shape != value.shape:
+      raise ValueError(f"probe head {name} has shape {value.shape}, the model's "
+                       f"{params[head][name].shape}")
+    params[head][name] = jnp.asarray(value, params[head][name].dtype)
+  return state.replace(params=params)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
                        stop_after_step: int | None = None) -> dict:
   """Trains, validates every ``eval_every_steps``, tests the best checkpoint at the end.
@@ -535,10 +559,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   train_ds, steps_per_epoch = pipeline.train_dataset(builder, config, start_step=start_step)
   num_train_steps = int(config.num_train_steps or
                         math.ceil(float(config.num_epochs) * steps_per_epoch))
+  eval_every = int(config.eval_every_steps)
+  if config.get("eval_every_epochs"):
+    eval_every = max(1, round(float(config.eval_every_epochs) * steps_per_epoch))
   lr_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
   lr_at = jax.jit(lr_fn)  # for the logs: one compilation, not one per schedule operation
   state = create_train_state(prng_key(config.seed), config, model,
                              config.image_size, lr_fn, pretrained=latest is None)
+  if latest is None and config.get("head_init", "random") == "probe":
+    state = head_from_probe(state, config, builder, model, workdir)
   if latest is not None:
     state = ckpts.restore(state, "latest")
     logging.info("resuming from step %d (checkpoint %s)", int(state.step),
@@ -597,7 +626,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                      100 * values["input_wait_fraction"],
                      _duration((num_train_steps - step) / rate))
         pending, last_log_step, last_log_time, input_wait = [], step, now, 0.0
-      is_eval = step % config.eval_every_steps == 0 or step == num_train_steps
+      is_eval = step % eval_every == 0 or step == num_train_steps
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == num_train_steps
       if is_eval or is_ckpt:
         state = sync_batch_stats(state)

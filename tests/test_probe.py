@@ -210,3 +210,55 @@ def test_mirrored_views_average_the_distributions():
   soft = lambda a: np.exp(a) / np.exp(a).sum(1, keepdims=True)
   want = (soft(views[0] @ head["w"]) + soft(views[1] @ head["w"])) / 2
   np.testing.assert_allclose(probe.predict(head, views), want, rtol=1e-5)
+
+
+def test_head_for_raw_features_matches_standardised_head():
+  rng = np.random.default_rng(1)
+  h = rng.normal(3.0, 2.0, (7, 5)).astype(np.float32)
+  mu, sigma = h.mean(0), h.std(0) + 0.5
+  head = {"w": rng.normal(size=(5, 4)).astype(np.float32),
+          "b": rng.normal(size=(4,)).astype(np.float32)}
+  dense = probe.head_for_raw_features(head, mu, sigma)
+  want = ((h - mu) / sigma) @ head["w"] + head["b"]
+  np.testing.assert_allclose(h @ dense["kernel"] + dense["bias"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_head_from_probe_gives_the_probes_logits(tmp_path):
+  """LP-FT's start: the model with the probe's head predicts, in inference mode, what the
+  probe's head predicts on the cached features of the same images."""
+  from sdl_jax import train
+  from sdl_jax.data import pipeline
+  config = _config(_hand_made_flickr(str(tmp_path / "Flickr_LDL"), n=48), tmp_path / "tfds")
+  config.probe = False
+  config.head_init = "probe"
+  builder = train._load_data(config)  # pylint: disable=protected-access
+  model = train.create_model(config, 8)
+  state = train.create_train_state(train.prng_key(0), config, model, config.image_size,
+                                   lambda step: 0.0)
+  before = np.asarray(state.params["head"]["kernel"])
+  state = train.head_from_probe(state, config, builder, model, str(tmp_path / "work"))
+  assert not np.allclose(before, state.params["head"]["kernel"])
+  assert sorted(os.listdir(tmp_path / "work" / "features")) == [
+      "test.npz", "train.npz", "validation.npz"]
+  ds, _, _ = pipeline.eval_dataset(builder, config, "test", process_index=0,
+                                   process_count=1, local_device_count=1)
+  batch = next(iter(pipeline.as_numpy(ds)))
+  keep = batch["mask"][0] > 0
+  logits = np.asarray(model.apply(train._variables(state), batch["image"][0], train=False))[keep]  # pylint: disable=protected-access
+  with np.load(tmp_path / "work" / "features" / "test.npz") as f:
+    feats = f["features"][:keep.sum()]
+  dense = state.params["head"]
+  np.testing.assert_allclose(logits, feats @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]),
+                             rtol=1e-4, atol=1e-4)
+  # and the probe's head is better than the random one it replaced on these images
+  dist = batch["distribution"][0][keep]
+  kl = lambda p: float(np.mean(metrics_lib.ldl_measures(dist, p)["kl"]))  # noqa: E731
+  assert kl(jax.nn.softmax(logits)) < kl(np.full_like(dist, 1 / 8))
+
+
+def test_head_init_is_validated(tmp_path):
+  from sdl_jax import train
+  config = _config(str(tmp_path), tmp_path / "tfds")
+  config.head_init = "zeros"
+  with pytest.raises(ValueError, match="config.head_init"):
+    train.validate_config(config)
