@@ -223,6 +223,8 @@ def _app_main(argv):
     check_grid(parse_floats(flags_.lams, "--lams"), parse_ints(flags_.seeds, "--seeds"))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  from sdl_jax import cpu  # pylint: disable=g-import-not-at-top
+  cpu.configure(flags_.config)  # before JAX starts: XLA flags, allocator
   return main(flags_.config, flags_.workdir, flags_.lams, flags_.seeds)
 
 
