@@ -65,13 +65,15 @@ def _serve(conn, threads, args, kwargs):
   ``peak_bytes`` and ``close`` until told to close. Its environment was set before it
   started (``TorchProcess``)."""
   try:
+    from sdl_jax import cpu  # pylint: disable=g-import-not-at-top
+    cpu.configure()  # the allocator as $SDL_JAX_MALLOC says, before torch starts threads
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
-    from sdl_jax import perf  # pylint: disable=g-import-not-at-top
+    from sdl_jax.cpu import process  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(threads)
     trainer = torch_train.TorchTrainer(*args, **kwargs)
     conn.send(("ok", {"params": trainer.num_params(), "threads": torch.get_num_threads(),
-                      "freed_memory_kept": perf.freed_memory_kept()}))
+                      "freed_memory_kept": process.freed_memory_kept()}))
   except Exception:  # pylint: disable=broad-except
     conn.send(("error", traceback.format_exc()))
     return
@@ -107,8 +109,8 @@ class TorchProcess:
   or ``keep``). Raises RuntimeError with the child's traceback if it fails."""
 
   def __init__(self, *args, threads: int, malloc: str = "default", **kwargs):
-    from sdl_jax import perf  # pylint: disable=g-import-not-at-top
-    malloc = perf.malloc_mode(malloc)
+    from sdl_jax.cpu import process  # pylint: disable=g-import-not-at-top
+    malloc = process.check_malloc(malloc, "malloc")
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
     env = _child_env(malloc)

@@ -398,7 +398,7 @@ def test_loading_logs_the_version_at_info_level():
   """(Logging it once recursed into ``_load`` until the stack ran out: run.py logs at
   info level.)"""
   code = ("import logging; logging.basicConfig(level=logging.INFO);"
-          "from sdl_jax.models import dnnl; print('MODE', dnnl.mode(), dnnl.available())")
+          "from sdl_jax.cpu import dnnl; print('MODE', dnnl.mode(), dnnl.available())")
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   env.pop("SDL_JAX_DNNL", None)
   proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
@@ -431,7 +431,7 @@ def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
 CONCURRENT_WORKER = r'''
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
-from sdl_jax.models import dnnl
+from sdl_jax.cpu import dnnl
 assert dnnl.available() and jax.local_device_count() == 2
 pad, dn = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
 rng = np.random.default_rng(0)

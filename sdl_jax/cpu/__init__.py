@@ -43,11 +43,10 @@ def settings(config=None) -> dict[str, Any]:
     if key not in DEFAULTS:
       raise ValueError(f"config.cpu.{key}: unknown field; known: {', '.join(DEFAULTS)}")
     out[key] = value
-  malloc = os.environ.get(MALLOC_ENV, "").strip().lower() or str(out["malloc"]).lower()
-  if malloc not in ("default", "keep"):
-    where = f"${MALLOC_ENV}" if os.environ.get(MALLOC_ENV, "").strip() else "config.cpu.malloc"
-    raise ValueError(f"{where}={malloc!r}: must be 'default' or 'keep'")
-  out["malloc"] = malloc
+  from sdl_jax.cpu import process  # pylint: disable=g-import-not-at-top
+  env = os.environ.get(MALLOC_ENV, "").strip()
+  out["malloc"] = (process.check_malloc(env, f"${MALLOC_ENV}") if env
+                   else process.check_malloc(out["malloc"], "config.cpu.malloc"))
   return out
 
 
