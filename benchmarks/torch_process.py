@@ -12,9 +12,9 @@ interleaved: while one side runs the other waits idle.
 
 The child gets the parent's environment but ``OMP_WAIT_POLICY`` as it was before this
 module was imported (the library sets it for its own oneDNN threads; it is not PyTorch's
-default), ``$SDL_JAX_MALLOC`` set to ``malloc`` (``default``: glibc's allocator as PyTorch
-runs by default, though the child imports ``sdl_jax``, whose import would otherwise keep
-freed memory; ``keep``: the same allocator setting as the library's process), and
+default), ``$SDL_JAX_MALLOC`` set to ``malloc``, which the child's
+``sdl_jax.cpu.configure`` applies (``default``: glibc's allocator as PyTorch runs by
+default; ``keep``: the library's ``config.cpu.malloc='keep'``), and
 ``torch.set_num_threads(threads)``.
 """
 
@@ -116,9 +116,8 @@ class TorchProcess:
     env = _child_env(malloc)
     self._proc = ctx.Process(target=_serve, daemon=True,
                              args=(child, threads, args, kwargs))
-    # The environment must be the child's already when it starts: before ``_serve`` runs,
-    # spawn imports this program's main module (benchmarks.run imports sdl_jax, whose
-    # import reads $SDL_JAX_MALLOC).
+    # The environment must be the child's already when it starts: spawn imports this
+    # program's main module before ``_serve`` runs.
     with _environment(env):
       self._proc.start()
     child.close()

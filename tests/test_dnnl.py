@@ -457,7 +457,7 @@ def test_two_devices_run_the_same_convolutions_at_once():
   """XLA runs a pmap's devices on several threads at once, so the same oneDNN primitive
   runs on two threads together. With oneDNN's own scratchpad this deadlocked in the first
   few steps (the 3->8 weight gradient); each thread now brings its own."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", SDL_JAX_DNNL="1",
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", SDL_JAX_DNNL="all",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-c", CONCURRENT_WORKER], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=240)

@@ -81,7 +81,7 @@ def known_xla_flags(flags: Sequence[str]) -> list[str]:
   return [f for f in flags if _name(f) not in unknown]
 
 
-_UNKNOWN = re.compile(r"Unknown flags in XLA_FLAGS:\s*(.*)")
+_UNKNOWN = re.compile(r"Unknown flags? in XLA_FLAGS:\s*(.*)")  # "flag" when only one
 
 
 def _unknown_names(flags: tuple[str, ...]) -> set[str]:
