@@ -291,13 +291,14 @@ def test_ab_times_every_variant_each_repeat():
   from benchmarks import ab
   times = ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--repeats=2",
                    "--steps=2", '--model_kwargs={"widths": [4, 8]}',
-                   "--variants=library,lax+norm=flax+xla_cpu_scheduler_type="
+                   "--variants=library,kernels=xla+dnnl=off+xla_cpu_scheduler_type="
                    "CPU_SCHEDULER_TYPE_DEFAULT"])
   assert set(times) == {"library",
-                        "lax+norm=flax+xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
+                        "kernels=xla+dnnl=off+xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
   assert all(len(t) == 2 and min(t) > 0 for t in times.values())
-  with pytest.raises(ValueError, match="unknown setting 'speed'"):
-    ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--variants=speed=2"])
+  for bad in ("speed=2", "lax", "norm=flax"):  # the removed layer variants among them
+    with pytest.raises(ValueError, match=f"unknown setting '{bad}'"):
+      ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", f"--variants={bad}"])
 
 
 def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
