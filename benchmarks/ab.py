@@ -1,7 +1,8 @@
-"""Interleaved A/B of the JAX train step under two or more settings, in one process: each repeat times one step of every
-variant in turn (every other repeat in reverse order), so drift of the machine's speed
-hits all of them alike. For changes smaller than the run-to-run spread of
-``benchmarks.run``, whose JAX/PyTorch ratios from separate runs cannot show them.
+"""Interleaved A/B of the JAX train step under two or more settings, in one process: each
+repeat times one step of every variant in turn (every other repeat in reverse order), so
+drift of the machine's speed hits all of them alike. For changes smaller than the
+run-to-run spread of ``benchmarks.run``, whose JAX/PyTorch ratios from separate runs cannot
+show them.
 
     python -m benchmarks.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
         --variants=library,dnnl=off
