@@ -65,7 +65,7 @@ def _serve(conn, threads, args, kwargs):
   ``peak_bytes`` and ``close`` until told to close. Its environment was set before it
   started (``TorchProcess``)."""
   try:
-    from sdl_jax import cpu  # pylint: disable=g-import-not-at-top
+    from sdl_jax import cpu, perf  # pylint: disable=g-import-not-at-top
     cpu.configure()  # the allocator as $SDL_JAX_MALLOC says, before torch starts threads
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
