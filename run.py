@@ -34,7 +34,11 @@ flags.DEFINE_enum("which", "best", ["best", "latest"],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  # Imported here so that --help answers without loading JAX and TensorFlow.
+  # Process settings for XLA:CPU (XLA flags, allocator) before anything starts JAX; for
+  # evaluate and predict without --config, the defaults. Imported here, as everything
+  # below, so that --help answers without loading JAX and TensorFlow.
+  from sdl_jax import cpu  # pylint: disable=g-import-not-at-top
+  cpu.configure(FLAGS.config)
   if FLAGS.mode == "train":
     if FLAGS.config is None:
       raise app.UsageError("--config is required for --mode=train")

@@ -1,16 +1,17 @@
-"""Interleaved A/B of the JAX train step under two or more variants of its layers
-(``benchmarks/conv_variants.py``), in one process: each repeat times one step of every
-variant in turn (every other repeat in reverse order), so drift of the machine's speed
-hits all of them alike. For changes smaller than the run-to-run spread of
-``benchmarks.run``, whose JAX/PyTorch ratios from separate runs cannot show them.
+"""Interleaved A/B of the JAX train step under two or more settings, in one process: each
+repeat times one step of every variant in turn (every other repeat in reverse order), so
+drift of the machine's speed hits all of them alike. For changes smaller than the
+run-to-run spread of ``benchmarks.run``, whose JAX/PyTorch ratios from separate runs cannot
+show them.
 
     python -m benchmarks.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
-        --variants=library,dw_strided_autodiff
-    python -m benchmarks.ab --model=efficientnet_lite0 --variants=library,norm=flax
+        --variants=library,dnnl=off
+    python -m benchmarks.ab --model=resnet50 --variants=library,kernels=xla
 
-A variant is a ``--conv`` name, or ``norm=...``/``pool=...`` (``benchmarks.run``'s
-``--norm``/``--pool``), or an XLA option for this compilation only (``xla_...=value``,
-overriding ``$XLA_FLAGS``), or several joined by ``+`` (``no_strided+norm=flax``):
+A variant is ``library`` (as configured), ``dnnl=MODE`` (``sdl_jax.cpu.dnnl.use``),
+``kernels=MODE`` (``sdl_jax.cpu.paths.use``), an XLA option for this compilation only
+(``xla_...=value``, overriding ``$XLA_FLAGS``), or several joined by ``+``
+(``dnnl=off+kernels=cpu``):
 
     python -m benchmarks.ab --model=resnet50 --repeats=5 \
         --variants=library,xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT
@@ -23,6 +24,7 @@ then per variant the median images/s and how many repeats it was the fastest in;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -30,7 +32,7 @@ import time
 
 import numpy as np
 
-from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+from sdl_jax import cpu
 from benchmarks import WARMUP_STEPS, warm_up
 
 
@@ -48,13 +50,13 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup", type=int, default=WARMUP_STEPS,
                  help="untimed steps of each variant after compiling (benchmarks."
                       "WARMUP_STEPS: the first two page-fault a large model's buffers in)")
-  p.add_argument("--variants", default="library,dw_strided_autodiff",
-                 help="comma-separated variants: a --conv name, norm=..., pool=..., an XLA "
-                      "option xla_...=value, or several joined by '+' "
-                      "(benchmarks/conv_variants.py)")
+  p.add_argument("--variants", default="library,dnnl=off",
+                 help="comma-separated variants: library, dnnl=MODE, kernels=MODE, an XLA "
+                      "option xla_...=value, or several joined by '+'")
   args = p.parse_args(argv)
+  cpu.configure()  # before JAX starts
 
-  from benchmarks import conv_variants, jax_train  # pylint: disable=g-import-not-at-top
+  from benchmarks import jax_train  # pylint: disable=g-import-not-at-top
   from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
 
   variants = [v for v in args.variants.split(",") if v]
@@ -62,17 +64,14 @@ def main(argv=None) -> dict:
   config = jax_train.bench_config(args.model, batch=args.batch,
                                   model_kwargs=json.loads(args.model_kwargs))
   trainers = {}
-  try:
-    for v in variants:
-      options = _use(conv_variants, v)  # traced (compiled) under it; later ones re-patch
+  for v in variants:
+    with contextlib.ExitStack() as stack:  # traced (compiled) under the variant's modes
+      options = _use(stack, v)
       t = jax_train.JaxTrainer(config, images, labels, dists)
       print(f"{v}: compiled in {t.compile(options):.1f} s, XLA temporaries "
             f"{t.memory()['temporaries'] / 2**20:.0f} MiB", flush=True)
-      warm_up(t, args.warmup)
-      trainers[v] = t
-  finally:
-    conv_variants.use("library")
-    conv_variants.use_model_ops()
+    warm_up(t, args.warmup)
+    trainers[v] = t
   times = {v: [] for v in variants}
   faults = {v: [] for v in variants}
   for r in range(args.repeats):
@@ -95,24 +94,24 @@ def main(argv=None) -> dict:
   return times
 
 
-def _use(conv_variants, variant: str) -> dict:
-  """Patches the models for one variant (see the module docstring); returns its XLA
+def _use(stack: contextlib.ExitStack, variant: str) -> dict:
+  """Enters one variant's modes on ``stack`` (see the module docstring); returns its XLA
   compiler options."""
-  conv, ops, options = "library", {}, {}
+  from sdl_jax.cpu import dnnl, paths  # pylint: disable=g-import-not-at-top
+  modes = {"dnnl": dnnl.use, "kernels": paths.use}
+  options = {}
   for part in variant.split("+"):
     key, eq, value = part.partition("=")
-    if not eq:
-      conv = part
-    elif key in ("norm", "pool"):
-      ops[key] = value
-    elif key.startswith("xla_"):
+    if not eq and part == "library":
+      continue
+    if key in modes and eq:
+      stack.enter_context(modes[key](value))
+    elif key.startswith("xla_") and eq:
       # XLA takes a bool option only as a bool, not as the string 'true'.
       options[key] = {"true": True, "false": False}.get(value.lower(), value)
     else:
-      raise ValueError(f"--variants: unknown setting {key!r} in {variant!r} "
-                       "(norm=, pool=, xla_...=)")
-  conv_variants.use(conv)
-  conv_variants.use_model_ops(**ops)
+      raise ValueError(f"--variants: unknown setting {part!r} in {variant!r} "
+                       "(library, dnnl=, kernels=, xla_...=)")
   return options
 
 

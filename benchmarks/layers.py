@@ -5,7 +5,7 @@ For each layer ``H,Cin,Cout,K[,S[,G]]`` (square ``H x H`` input, ``K x K`` kerne
 (medians of ``--repeats``):
 
 * JAX: ``jax.grad`` of ``0.5 * sum(conv(x, w)^2)`` with respect to ``x`` and ``w``, the
-  convolution being the models' ``sdl_jax.models.conv.conv_general_dilated`` (so the
+  convolution being the models' ``sdl_jax.models.layers.conv_general_dilated`` (so the
   library's 1x1, depthwise and strided paths on the CPU), jitted;
 * PyTorch: ``conv2d`` on channels-last tensors, the same loss, ``backward()``
   (part ``step``).
@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+from sdl_jax import cpu, perf
 
 RESNET50 = ("56,64,64,3;28,128,128,3;14,256,256,3;7,512,512,3;"
             "56,64,256,1;56,256,64,1;28,512,128,1;28,128,512,1;14,1024,256,1;14,256,1024,1;"
@@ -74,7 +74,7 @@ def _inputs(h, cin, cout, k, g, batch, seed):
 
 def _jax_conv(k, s, g):
   """The models' convolution (``SAME`` padding ``k // 2``, stride ``s``, ``g`` groups)."""
-  from sdl_jax.models.conv import conv_general_dilated  # pylint: disable=g-import-not-at-top
+  from sdl_jax.models.layers import conv_general_dilated  # pylint: disable=g-import-not-at-top
   return lambda x, w: conv_general_dilated(x, w, (s, s), [(k // 2, k // 2)] * 2,
                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                            feature_group_count=g)
@@ -191,6 +191,7 @@ def main(argv=None) -> list[dict]:
                  help="time the forward pass, input gradient and weight gradient apart")
   p.add_argument("--torch_threads", type=int, default=0, help="0: one per CPU")
   args = p.parse_args(argv)
+  cpu.configure()  # before JAX starts: XLA flags, allocator
   layers = parse_layers(args.layers)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.torch_threads or perf.cpu_count())

@@ -4,7 +4,7 @@ r"""oneDNN's primitives in the train step, the library's and PyTorch's side by s
     python -m benchmarks.primitives --model=resnet50 --steps=2 --rounds=1 --out=prims.json
 
 Both frameworks run their convolutions on oneDNN (the library through its FFI handlers,
-``sdl_jax.models.dnnl``; PyTorch through its bundled copy), and oneDNN times every call it
+``sdl_jax.cpu.dnnl``; PyTorch through its bundled copy), and oneDNN times every call it
 runs when ``ONEDNN_VERBOSE=1`` is set. Each round runs the library's step and then
 PyTorch's (the step ``benchmarks.run`` times, on the same synthetic batch), each in a child
 process of its own with that variable set, ``--steps`` steps after three warm-up ones, and
@@ -38,7 +38,7 @@ import sys
 
 import numpy as np
 
-from sdl_jax import perf  # noqa: F401  (sets the XLA:CPU flags before JAX starts)
+from sdl_jax import cpu, perf
 from benchmarks import warm_up, write_report
 
 FRAMEWORKS = ("jax", "torch")
@@ -169,6 +169,7 @@ def main(argv=None) -> dict | None:
   p.add_argument("--out", default="", help="write the JSON here")
   p.add_argument("--child", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  cpu.configure()  # before JAX starts: XLA flags, allocator
   if args.steps < 1 or args.rounds < 1:
     p.error("--steps and --rounds must be at least 1")
   if args.child:

@@ -41,8 +41,8 @@ import tempfile
 
 import numpy as np
 
-from sdl_jax import perf  # first: it sets the XLA:CPU flags before JAX starts
-from sdl_jax.models import dnnl
+from sdl_jax import cpu, perf
+from sdl_jax.cpu import dnnl
 from benchmarks import warm_up, write_report
 
 ONEDNN_TARGETS = {dnnl.TARGETS[d]: f"oneDNN conv {label}" for d, label in (
@@ -210,6 +210,7 @@ def main(argv=None) -> dict:
                       "temporary folder, removed")
   p.add_argument("--out", default="", help="write the JSON here")
   args = p.parse_args(argv)
+  cpu.configure()  # before JAX starts: XLA flags, allocator
   if args.steps < 1:
     p.error(f"--steps must be at least 1, got {args.steps}")
 

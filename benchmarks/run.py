@@ -38,7 +38,8 @@ import time
 import numpy as np
 
 from benchmarks import torch_process  # first: it records the environment
-from sdl_jax import perf
+from sdl_jax import cpu, perf
+from sdl_jax.cpu import process
 
 ALL_SECTIONS = ("train", "loss", "pipeline")
 DEFAULT_MODELS = "small_cnn,efficientnet_lite0,resnet50,vgg16"
@@ -97,7 +98,7 @@ def parse_args(argv=None):
                  help="ResNet-50's 3x3/2 max-pool, for experiments: library (hand-written "
                       "gradient) or autodiff (of nine strided slices)")
   g.add_argument("--kernels", default="", choices=("", "auto", "cpu", "xla"),
-                 help="the models' layer implementations (sdl_jax/models/kernels.py): cpu "
+                 help="the models' layer implementations (sdl_jax/cpu/paths.py): cpu "
                       "(hand-written XLA:CPU paths), xla (XLA's own ops) or auto (cpu on "
                       "the CPU backend; the default, unless $SDL_JAX_KERNELS says otherwise)")
   g.add_argument("--xla_flags", default="",
@@ -171,7 +172,8 @@ def parse_args(argv=None):
 
 def environment(args, torch_device) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from sdl_jax.models import dnnl, kernels  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import paths as kernels  # pylint: disable=g-import-not-at-top
   env = {
       "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
       "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -197,7 +199,7 @@ def environment(args, torch_device) -> dict:
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
       # Whether glibc keeps freed memory in this process (sdl_jax.perf.keep_freed_memory).
-      "malloc_keep": perf.freed_memory_kept(),
+      "malloc_keep": process.freed_memory_kept(),
   }
   try:
     import flax  # pylint: disable=g-import-not-at-top
@@ -527,7 +529,8 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.xla_flags:
-    perf.append_xla_flags(args.xla_flags.split())
+    process.append_xla_flags(args.xla_flags.split())
+  cpu.configure()  # before JAX starts; $SDL_JAX_MALLOC=keep for the allocator setting
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   start = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr,
@@ -537,7 +540,7 @@ def main(argv=None) -> dict:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.torch_threads or perf.cpu_count())
   if args.kernels:
-    os.environ["SDL_JAX_KERNELS"] = args.kernels  # sdl_jax.models.kernels.ENV
+    os.environ["SDL_JAX_KERNELS"] = args.kernels  # sdl_jax.cpu.paths.ENV
   if args.conv != "library":
     from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
     conv_variants.use(args.conv)

@@ -12,9 +12,9 @@ interleaved: while one side runs the other waits idle.
 
 The child gets the parent's environment but ``OMP_WAIT_POLICY`` as it was before this
 module was imported (the library sets it for its own oneDNN threads; it is not PyTorch's
-default), ``$SDL_JAX_MALLOC`` set to ``malloc`` (``default``: glibc's allocator as PyTorch
-runs by default, though the child imports ``sdl_jax``, whose import would otherwise keep
-freed memory; ``keep``: the same allocator setting as the library's process), and
+default), ``$SDL_JAX_MALLOC`` set to ``malloc``, which the child's
+``sdl_jax.cpu.configure`` applies (``default``: glibc's allocator as PyTorch runs by
+default; ``keep``: the library's ``config.cpu.malloc='keep'``), and
 ``torch.set_num_threads(threads)``.
 """
 
@@ -65,13 +65,15 @@ def _serve(conn, threads, args, kwargs):
   ``peak_bytes`` and ``close`` until told to close. Its environment was set before it
   started (``TorchProcess``)."""
   try:
+    from sdl_jax import cpu, perf  # pylint: disable=g-import-not-at-top
+    cpu.configure()  # the allocator as $SDL_JAX_MALLOC says, before torch starts threads
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
-    from sdl_jax import perf  # pylint: disable=g-import-not-at-top
+    from sdl_jax.cpu import process  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(threads)
     trainer = torch_train.TorchTrainer(*args, **kwargs)
     conn.send(("ok", {"params": trainer.num_params(), "threads": torch.get_num_threads(),
-                      "freed_memory_kept": perf.freed_memory_kept()}))
+                      "freed_memory_kept": process.freed_memory_kept()}))
   except Exception:  # pylint: disable=broad-except
     conn.send(("error", traceback.format_exc()))
     return
@@ -107,16 +109,15 @@ class TorchProcess:
   or ``keep``). Raises RuntimeError with the child's traceback if it fails."""
 
   def __init__(self, *args, threads: int, malloc: str = "default", **kwargs):
-    from sdl_jax import perf  # pylint: disable=g-import-not-at-top
-    malloc = perf.malloc_mode(malloc)
+    from sdl_jax.cpu import process  # pylint: disable=g-import-not-at-top
+    malloc = process.check_malloc(malloc, "malloc")
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
     env = _child_env(malloc)
     self._proc = ctx.Process(target=_serve, daemon=True,
                              args=(child, threads, args, kwargs))
-    # The environment must be the child's already when it starts: before ``_serve`` runs,
-    # spawn imports this program's main module (benchmarks.run imports sdl_jax, whose
-    # import reads $SDL_JAX_MALLOC).
+    # The environment must be the child's already when it starts: spawn imports this
+    # program's main module before ``_serve`` runs.
     with _environment(env):
       self._proc.start()
     child.close()

@@ -39,10 +39,11 @@ def main(argv=None) -> list[dict]:
     print(f"wrote {args.npz}: {len(z['image'])} images", flush=True)
     return []
 
+  from configs import sdl  # pylint: disable=g-import-not-at-top
+  from sdl_jax import cpu  # pylint: disable=g-import-not-at-top
+  cpu.configure(sdl.get_config(args.preset))  # before JAX starts: XLA flags, allocator
   import jax  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
-
-  from configs import sdl  # pylint: disable=g-import-not-at-top
   from sdl_jax import metrics, models, train  # pylint: disable=g-import-not-at-top
 
   with np.load(args.npz) as z:

@@ -123,6 +123,25 @@ def _base() -> ml_collections.ConfigDict:
   c.num_processes = config_dict.placeholder(int)
   c.process_id = config_dict.placeholder(int)
 
+  # XLA:CPU speed (sdl_jax/cpu), applied by sdl_jax.cpu.configure(config), which the entry
+  # points call before JAX starts. Numbers are the same whatever these say (to rounding).
+  p = c.cpu = ml_collections.ConfigDict()
+  # Layers: auto (hand-written XLA:CPU paths on the CPU backend, XLA's own ops elsewhere),
+  # cpu (hand paths everywhere) or xla (XLA's ops everywhere). $SDL_JAX_KERNELS overrides.
+  p.kernels = "auto"
+  # Convolutions on oneDNN: auto (all on AVX-512; else all but large weight gradients with
+  # oneDNN 3, grouped ones with oneDNN 2) | all | xla_large_wgrad | grouped | off.
+  # $SDL_JAX_DNNL overrides. Unavailable (no compiler / oneDNN): XLA's, with a log line.
+  p.dnnl = "auto"
+  # Append sdl_jax.cpu.process.FAST_CPU_XLA_FLAGS to $XLA_FLAGS (values the user set win;
+  # flags this jaxlib does not know are dropped with a warning).
+  p.fast_xla_flags = True
+  # glibc's allocator: default (as it is), or keep (one arena, no mmap for large blocks,
+  # never trimmed: fewer page faults, slightly faster steps, about twice the peak RSS,
+  # which can keep growing; see sdl_jax.cpu.process.keep_freed_memory). $SDL_JAX_MALLOC
+  # overrides.
+  p.malloc = "default"
+
   # Data.
   d = c.data = ml_collections.ConfigDict()
   d.name = "synthetic"

@@ -1,126 +1,19 @@
-"""Performance helpers: XLA flags, this machine's matmul peak, FLOP, memory and HLO counts.
+"""Performance helpers: this machine's CPU and matmul peak, FLOP, memory and HLO counts,
+timing and peak RSS.
 
-Used by ``benchmarks/`` and usable by training scripts. Nothing here changes numerics.
-XLA flags only take effect if set before JAX initialises its backends, so
-``append_xla_flags`` must run before the first computation.
+Used by ``benchmarks/`` and usable by training scripts. Nothing here changes numerics or
+the process (XLA flags and the allocator are ``sdl_jax.cpu.configure``'s).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
-
-
-def append_xla_flags(flags: Sequence[str], keep_user_values: bool = False) -> str:
-  """Appends ``flags`` (e.g. ``['--xla_cpu_use_xnnpack=true']``) to ``$XLA_FLAGS``.
-
-  A flag already present with another value is replaced, or, with ``keep_user_values``,
-  left as it is. Must run before JAX's backend is initialised (before the first
-  ``jax.devices()`` or computation) to have any effect.
-
-  Returns:
-    The new value of ``$XLA_FLAGS``.
-  """
-  current = os.environ.get("XLA_FLAGS", "").split()
-  for flag in flags:
-    if not flag.startswith("--"):
-      raise ValueError(f"XLA flag {flag!r} must start with '--'")
-    name = flag.split("=", 1)[0]
-    if keep_user_values and any(f.split("=", 1)[0] == name for f in current):
-      continue
-    current = [f for f in current if f.split("=", 1)[0] != name] + [flag]
-  os.environ["XLA_FLAGS"] = " ".join(current)
-  return os.environ["XLA_FLAGS"]
-
-
-# XLA:CPU flags that made training faster on CPU (README, "Performance"):
-# - convolutions on XLA's own (Eigen) kernels instead of YNNPACK (jaxlib 0.10.2's default),
-#   whose convolution gradients measured 2-10x slower; YNNPACK keeps the dots, reductions
-#   and elementwise fusions, where it is faster;
-# - the memory-optimised scheduler: XLA:CPU allocates a step's temporaries afresh on every
-#   call, and glibc maps buffers that large anew each time, so every page of them
-#   page-faults once per step; a smaller buffer assignment (ResNet-50 at batch 32: 2573
-#   instead of 4026 MiB) made ResNet-50's step 7% faster (benchmarks.ab, 7 of 7 repeats),
-#   the other models level.
-# Ignored by other backends.
-FAST_CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-                      "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
-
-
-def use_fast_cpu_flags(keep_user_values: bool = False) -> str:
-  """Appends ``FAST_CPU_XLA_FLAGS`` to ``$XLA_FLAGS``; call before JAX's first computation.
-
-  Returns:
-    The new value of ``$XLA_FLAGS``.
-  """
-  return append_xla_flags(FAST_CPU_XLA_FLAGS, keep_user_values=keep_user_values)
-
-
-MALLOC_ENV = "SDL_JAX_MALLOC"
-MALLOC_MODES = ("keep", "default")
-# mallopt parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def malloc_mode(value: str | None = None) -> str:
-  """``$SDL_JAX_MALLOC`` (or ``value``): ``keep`` (the default) or ``default``; a
-  ValueError naming the variable otherwise."""
-  v = (os.environ.get(MALLOC_ENV, "") if value is None else value).strip().lower() or "keep"
-  if v not in MALLOC_MODES:
-    raise ValueError(f"${MALLOC_ENV} must be one of {MALLOC_MODES}, got {v!r}")
-  return v
-
-
-def keep_freed_memory() -> bool:
-  """Tells glibc's malloc to keep the memory it frees for reuse instead of returning it to
-  the system: one arena for all threads (``M_ARENA_MAX`` 1), no separate ``mmap`` for
-  large blocks (``M_MMAP_MAX`` 0), never trim the heap (``M_TRIM_THRESHOLD`` the largest
-  ``size_t``); what ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
-  glibc.malloc.trim_threshold=...`` does when set before the process starts.
-
-  Why: XLA:CPU allocates a step's temporaries (gigabytes for the 224-pixel models) afresh
-  on every call, and glibc serves blocks that large with a fresh ``mmap`` and unmaps them on
-  free, so every page page-faults once per step (EfficientNet-Lite0 at batch 32: ~570,000
-  faults and ~2.3 s of system time per step on the 2-core machine; README, "Performance").
-  Kept, the memory is reused and the faults go; the process keeps its peak heap, and the
-  single heap can fragment: Lite0's peak RSS grew once or twice by a step's temporaries
-  (3.3 -> 5.5 GiB at step 16 of 40, then steady; 5.5 -> 7.7 GiB at step 9 of 12 in another
-  run; 3.4 GiB with glibc's defaults), that step taking ~6 s. Threads that allocated
-  before the call keep their own arenas, so it must run before JAX starts its CPU client:
-  importing ``sdl_jax`` calls it unless ``$SDL_JAX_MALLOC`` is ``default``.
-
-  Returns:
-    whether it was applied (False where the C library is not glibc).
-  """
-  try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (glibc only)
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
-    return False
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  mallopt.restype = ctypes.c_int
-  global _freed_memory_kept
-  # -1 as mallopt's int is read as the largest size_t for the trim threshold.
-  # Every option is tried (a list, not all()'s short circuit): one refused leaves the others.
-  applied = [mallopt(p, v) == 1 for p, v in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))]
-  _freed_memory_kept = all(applied)
-  return _freed_memory_kept
-
-
-_freed_memory_kept = False
-
-
-def freed_memory_kept() -> bool:
-  """Whether ``keep_freed_memory`` has been applied in this process."""
-  return _freed_memory_kept
 
 
 def cpu_count() -> int:
@@ -209,7 +102,7 @@ def onednn_matmul_peak(n: int = 2048, dtype: Any = None, repeats: int = 5,
   without it a model's FLOP utilisation could read above 100%."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
   dtype = jnp.float32 if dtype is None else dtype
   if jax.default_backend() != "cpu" or not dnnl.takes(1, dtype):
     return None

@@ -258,6 +258,9 @@ def _app_main(argv):
         parse_methods(f.methods)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if f.config is not None:
+    from sdl_jax import cpu  # pylint: disable=g-import-not-at-top
+    cpu.configure(f.config)  # before JAX starts: XLA flags, allocator
   return main(f.config, f.workdir, f.lams, f.seeds, f.split_seeds, f.methods,
               f.extra_measures, f.summarize_only)
 

@@ -57,40 +57,6 @@ def test_hlo_op_count_of_a_compiled_function():
   assert counts["entry"] >= 1 and counts["total"] >= counts["entry"]
 
 
-def test_append_xla_flags_replaces_a_flag_of_the_same_name(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "--a=1 --b=2")
-  assert perf.append_xla_flags(["--b=3", "--c"]) == "--a=1 --b=3 --c"
-  assert os.environ["XLA_FLAGS"] == "--a=1 --b=3 --c"
-  with pytest.raises(ValueError, match="must start with '--'"):
-    perf.append_xla_flags(["xla_cpu_foo=1"])
-  assert perf.append_xla_flags(["--b=4", "--d=5"], keep_user_values=True) == (
-      "--a=1 --b=3 --c --d=5")
-
-
-@pytest.mark.parametrize("env,want,ynn_conv", [
-    ({}, " ".join(perf.FAST_CPU_XLA_FLAGS), False),
-    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"},
-     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution "
-     + perf.FAST_CPU_XLA_FLAGS[1], True),
-    ({"SDL_JAX_XLA_DEFAULTS": "0"}, "", True),
-])
-def test_import_sets_fast_cpu_flags_unless_the_user_chose(env, want, ynn_conv):
-  """Importing sdl_jax adds the CPU flags, keeps a user's own value, and can be turned off;
-  the flags are accepted by this jaxlib and take the convolutions off YNNPACK."""
-  code = ("import os, sdl_jax, jax, jax.numpy as jnp\n"
-          "print(repr(os.environ.get('XLA_FLAGS', '')))\n"
-          "x = jnp.ones((8, 16, 16, 32)); w = jnp.ones((3, 3, 32, 32))\n"
-          "f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', "
-          "dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
-          "print('ynn' in jax.jit(f).lower(x, w).compile().as_text())\n")
-  base = {k: v for k, v in os.environ.items()
-          if k not in ("XLA_FLAGS", "SDL_JAX_XLA_DEFAULTS")}
-  out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, check=True,
-                       capture_output=True, text=True, cwd=REPO).stdout.split("\n")
-  assert out[0] == repr(want)
-  assert out[1] == str(ynn_conv)
-
-
 def test_compiled_memory_and_flops_of_a_matmul():
   n = 64
   compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((n, n)), jnp.ones((n, n))).compile()
@@ -102,67 +68,13 @@ def test_compiled_memory_and_flops_of_a_matmul():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
 def test_peak_rss_sees_a_temporary_allocation():
-  # An anonymous map, not malloc: glibc keeps freed memory here (the library's import,
-  # perf.keep_freed_memory), so a malloc'd block could reuse pages already resident.
+  # An anonymous map, not malloc: where glibc keeps freed memory (config.cpu.malloc='keep'),
+  # a malloc'd block could reuse pages already resident.
   with perf.PeakRSS() as rss:
     m = mmap.mmap(-1, 32 * 2**20)  # 32 MiB, touched, then unmapped
     m.write(b"\1" * len(m))
     m.close()
   assert rss.growth is not None and rss.growth >= 24 * 2**20
-
-
-# Run in a fresh interpreter: mallocs and frees 256 MiB twice on a new thread (as XLA's
-# threads allocate a step's temporaries), printing the page faults of each pass.
-_FAULTS = """
-import ctypes, resource, threading, sdl_jax
-from sdl_jax import perf
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
-size, faults = 256 * 2**20, []
-def passes():
-  for _ in range(2):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    p = libc.malloc(size)
-    ctypes.memset(p, 1, size)
-    libc.free(p)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-t = threading.Thread(target=passes)
-t.start()
-t.join()
-print(perf.freed_memory_kept(), *faults)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
-@pytest.mark.parametrize("value,kept", [(None, True), ("keep", True), ("default", False)])
-def test_import_keeps_freed_memory_unless_told_not_to(value, kept):
-  """With the library's allocator setting a block freed and allocated again is reused
-  without page faults; with glibc's defaults a block this large is mapped, unmapped and
-  faulted in anew (one fault per 4 KiB page)."""
-  env = {k: v for k, v in os.environ.items() if k != perf.MALLOC_ENV}
-  if value is not None:
-    env[perf.MALLOC_ENV] = value
-  out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, check=True,
-                       capture_output=True, text=True, cwd=REPO).stdout.split()
-  pages = 256 * 2**20 // 4096
-  assert out[0] == str(kept)
-  first, second = int(out[1]), int(out[2])
-  assert first > pages // 2  # the first pass touches fresh memory either way
-  if kept:
-    assert second < pages // 20
-  else:
-    assert second > pages // 2
-
-
-def test_malloc_mode_names_the_variable_on_a_bad_value(monkeypatch):
-  monkeypatch.setenv(perf.MALLOC_ENV, "Keep ")
-  assert perf.malloc_mode() == "keep"
-  monkeypatch.delenv(perf.MALLOC_ENV)
-  assert perf.malloc_mode() == "keep"
-  with pytest.raises(ValueError, match=r"\$SDL_JAX_MALLOC must be one of .*'never'"):
-    perf.malloc_mode("never")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
@@ -171,7 +83,7 @@ def test_timed_step_times_step_then_sync_and_their_memory():
   def step():
     calls.append("step")
     # An anonymous map, as in test_peak_rss_sees_a_temporary_allocation: memory malloc
-    # keeps (the library's import) may already be resident.
+    # keeps (config.cpu.malloc='keep') may already be resident.
     m = mmap.mmap(-1, 32 * 2**20)
     m.write(b"\1" * len(m))
     m.close()
@@ -181,7 +93,7 @@ def test_timed_step_times_step_then_sync_and_their_memory():
 
 
 def test_onednn_matmul_peak_is_a_rate_where_onednn_takes_the_dtype():
-  from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
   flops = perf.onednn_matmul_peak(n=64, repeats=2, inner=2)
   if dnnl.takes(1):
     assert flops is not None and np.isfinite(flops) and flops > 0
@@ -275,7 +187,8 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
          "--loss_iters=50", "--pipeline_images=24", "--pipeline_batch=4",
          "--pipeline_batches=2", "--pipeline_image_size=16", "--pipeline_consumer=small_cnn",
          "--jpeg_size=64x48", f"--out={out}", f"--markdown={md}"]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
+             SDL_JAX_MALLOC="keep")
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(out.read_text())
@@ -283,11 +196,11 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   assert res["env"]["local_devices"] >= 1 and res["env"]["devices"]
   assert res["env"]["torch_threads"] >= 1
   assert res["env"]["torch_process"] == "separate"
-  # This process keeps freed memory (the library's import), PyTorch's runs glibc's
-  # defaults: started by the real command line, whose main module imports sdl_jax.
+  # This process keeps freed memory ($SDL_JAX_MALLOC=keep, applied by sdl_jax.cpu.configure),
+  # PyTorch's runs glibc's defaults (its child's configure reads its own $SDL_JAX_MALLOC).
   assert res["env"]["malloc_keep"] == (platform.libc_ver()[0] == "glibc")
   assert res["env"]["cpu_isa"] == perf.cpu_isa()
-  from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
   assert res["env"]["dnnl"] == (dnnl.mode() if dnnl.available() else "off")
   assert res["peak"]["peak"] > 0
   assert res["peak"]["peak"] == max(res["peak"][k] for k in ("jax", "torch", "onednn")
@@ -355,30 +268,9 @@ def test_torch_process_runs_the_trainer_in_a_child_and_reports_its_errors():
   assert not child._proc.is_alive()  # pylint: disable=protected-access
   with pytest.raises(RuntimeError, match="(?s)failed:.*no_such_model"):
     torch_process.TorchProcess("no_such_model", 5, *batch, threads=1, **kwargs)
-  with pytest.raises(ValueError, match="SDL_JAX_MALLOC"):
+  with pytest.raises(ValueError, match="malloc='sometimes'"):
     torch_process.TorchProcess("small_cnn", 5, *batch, threads=1, malloc="sometimes",
                                **kwargs)
-
-
-@pytest.mark.slow
-def test_resnet_op_variants_compute_the_same():
-  """``--norm=flax --pool=autodiff`` swaps in ResNet-50's earlier ops: same numbers."""
-  from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
-  from sdl_jax import models  # pylint: disable=g-import-not-at-top
-  model = models.get_model("resnet50", 5, stage_sizes=(1, 1, 1, 1))
-  x = np.random.default_rng(0).normal(size=(2, 35, 35, 3)).astype(np.float32)
-  outs = []
-  try:
-    for norm, pool in [("library", "library"), ("flax", "autodiff")]:
-      conv_variants.use_model_ops(norm, pool)
-      variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
-      outs.append(jax.jit(lambda v, x: model.apply(v, x, train=True,
-                                                   mutable=["batch_stats"])[0])(variables, x))
-  finally:
-    conv_variants.use_model_ops()
-  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match="--norm must be one of"):
-    conv_variants.use_model_ops("batch")
 
 
 def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
@@ -399,13 +291,14 @@ def test_ab_times_every_variant_each_repeat():
   from benchmarks import ab
   times = ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--repeats=2",
                    "--steps=2", '--model_kwargs={"widths": [4, 8]}',
-                   "--variants=library,lax+norm=flax+xla_cpu_scheduler_type="
+                   "--variants=library,kernels=xla+dnnl=off+xla_cpu_scheduler_type="
                    "CPU_SCHEDULER_TYPE_DEFAULT"])
   assert set(times) == {"library",
-                        "lax+norm=flax+xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
+                        "kernels=xla+dnnl=off+xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
   assert all(len(t) == 2 and min(t) > 0 for t in times.values())
-  with pytest.raises(ValueError, match="unknown setting 'speed'"):
-    ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--variants=speed=2"])
+  for bad in ("speed=2", "lax", "norm=flax"):  # the removed layer variants among them
+    with pytest.raises(ValueError, match=f"unknown setting '{bad}'"):
+      ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", f"--variants={bad}"])
 
 
 def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
@@ -568,7 +461,7 @@ def test_primitives_parses_both_verbose_layouts_and_compares_medians():
 def test_primitives_smoke_run_matches_the_two_frameworks_calls(tmp_path):
   pytest.importorskip("torch")
   from benchmarks import primitives
-  from sdl_jax.models import dnnl
+  from sdl_jax.cpu import dnnl
   out = tmp_path / "prims.json"
   report = primitives.main(["--model=small_cnn", "--batch=2", "--image_size=16",
                             "--steps=1", "--rounds=1", f"--out={out}"])

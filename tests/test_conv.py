@@ -1,4 +1,6 @@
-"""The library convolution (XLA's own, depthwise as taps) equals lax's, value and gradients."""
+"""The XLA:CPU convolution (``sdl_jax.cpu.conv``: oneDNN, or XLA's own with depthwise ones
+as taps, 1x1 ones as matmuls, strided ones with a space-to-depth weight gradient) equals
+lax's, value and gradients; the 2x2 max-pool equals flax's."""
 
 import flax.linen as nn
 import jax
@@ -8,13 +10,11 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from benchmarks.conv_variants import (dw_batch_split_conv, no_dnnl_conv, no_strided_conv,
-                                     tap_matmul_conv, taps_autodiff_conv)
-from sdl_jax.models import dnnl
-from sdl_jax.models.conv import conv_general_dilated as fast_conv
-from sdl_jax.models.conv import (depthwise_input_grad_strided, depthwise_weight_grad,
-                                 strided_weight_grad)
-from sdl_jax.models.small_cnn import max_pool_2x2
+from sdl_jax.cpu import dnnl
+from sdl_jax.cpu.conv import conv_general_dilated as fast_conv
+from sdl_jax.cpu.conv import (depthwise_input_grad_strided, depthwise_weight_grad,
+                              strided_weight_grad)
+from sdl_jax.cpu.pool import max_pool_2x2
 
 DN = ("NHWC", "HWIO", "NHWC")
 CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
@@ -38,10 +38,13 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
 ]
 
 
-@pytest.mark.parametrize("impl", [fast_conv, no_dnnl_conv, tap_matmul_conv,
-                                  taps_autodiff_conv, no_strided_conv, dw_batch_split_conv],
-                         ids=["library", "no_dnnl", "tap_matmul", "taps_autodiff",
-                              "no_strided", "dw_batch_split"])
+def no_dnnl_conv(*args, **kwargs):
+  """``fast_conv`` traced with oneDNN off: XLA's kernels and the hand paths."""
+  with dnnl.disabled():
+    return fast_conv(*args, **kwargs)
+
+
+@pytest.mark.parametrize("impl", [fast_conv, no_dnnl_conv], ids=["library", "no_dnnl"])
 @pytest.mark.parametrize("h,cin,cout,k,strides,padding,groups", CASES)
 def test_value_and_gradients_equal_lax(impl, h, cin, cout, k, strides, padding, groups):
   rng = np.random.default_rng(h + k)
@@ -277,89 +280,3 @@ def test_strided_weight_gradient_has_no_dilated_kernel():
   assert "rhs_dilation=(2, 2)" in str(jax.make_jaxpr(jax.grad(loss(lax.conv_general_dilated)))(w))
   text = str(jax.make_jaxpr(jax.grad(loss(fast_conv)))(w))
   assert "conv_general_dilated" in text and "rhs_dilation=(2, 2)" not in text
-
-
-def test_dw_strided_autodiff_variant_gives_the_same_gradient():
-  """The benchmark's ``dw_strided_autodiff`` (the library before session 6) and the library's
-  stride-phase input gradient agree; ``use('library')`` restores the library's."""
-  from benchmarks import conv_variants
-  from sdl_jax.models import conv
-  rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, 12, 13, 4)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)
-
-  def make_grad():  # a new function per variant: JAX caches traces by function
-    return jax.grad(lambda x: jnp.sum(jnp.sin(fast_conv(
-        x, w, (2, 2), "SAME", dimension_numbers=DN, feature_group_count=4))))
-
-  want = make_grad()(x)
-  try:
-    conv_variants.use("dw_strided_autodiff")
-    assert conv.depthwise_input_grad_strided is not depthwise_input_grad_strided
-    got = make_grad()(x)
-  finally:
-    conv_variants.use("library")
-  assert conv.depthwise_input_grad_strided is depthwise_input_grad_strided
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_unordered_and_session14_variants_drop_the_ordering_until_library_is_restored():
-  """The benchmark's ``unordered``/``session14`` variants (the library before session 15)
-  trace oneDNN's backward without ``dnnl.after``, ``session14`` with the old 1e9 limit;
-  ``use('library')`` restores both."""
-  from benchmarks import conv_variants
-  from sdl_jax.models import dnnl
-  seen = []
-  conv_variants.with_large_wgrad_macs(5, lambda: seen.append(dnnl.LARGE_WGRAD_MACS))()
-  assert seen == [5] and dnnl.LARGE_WGRAD_MACS == 2e9
-  a, nan = jnp.arange(3.0), jnp.full((2,), jnp.nan)
-  assert np.all(np.isnan(dnnl.after(a, nan)))  # the dependency is real arithmetic
-  for name in ("unordered", "session14"):
-    try:
-      conv_variants.use(name)
-      np.testing.assert_array_equal(dnnl.after(a, nan), a)
-    finally:
-      conv_variants.use("library")
-    assert dnnl.after is conv_variants._LIBRARY_AFTER
-
-
-def test_session15_variant_keeps_large_square_weight_grads_on_xla_until_restored(monkeypatch):
-  """``session15`` (the library before session 16) routes a large dense KxK weight
-  gradient that does not widen to XLA, where the library's ``xla_large_wgrad`` keeps it on
-  oneDNN's blocked layout; small ones and 1x1 ones stay oneDNN's; ``use('library')``
-  restores the rule."""
-  from benchmarks import conv_variants
-  from sdl_jax.models import dnnl
-  x_shape, strides, padding = (2, 8, 8, 6), (1, 1), ((1, 1), (1, 1))
-  square, w1 = (3, 3, 6, 6), (1, 1, 6, 6)
-  macs = 2 * 8 * 8 * 3 * 3 * 6 * 6
-  takes = lambda w: dnnl.takes_weight_grad(1, x_shape, w, strides, padding)
-  with dnnl.use("xla_large_wgrad"):
-    for limit, want_session15 in ((macs, False), (macs + 1, True)):
-      # As on a CPU without AVX-512 (``use`` below resets it to the library's).
-      monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: True)
-      monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", limit)
-      assert takes(square) and takes(w1)
-      try:
-        conv_variants.use("session15")
-        assert takes(square) == want_session15 and takes(w1)
-      finally:
-        conv_variants.use("library")
-      assert dnnl.takes_weight_grad is conv_variants._LIBRARY_TAKES_WEIGHT_GRAD
-
-
-def test_norm_variants_swap_stored_and_the_gradient_until_library_is_restored():
-  """``--norm=no_stored`` traces BatchNorm without ``dnnl.stored``, ``--norm=session15``
-  also with session 15's gradient; ``use_model_ops()`` restores the library's."""
-  from benchmarks import conv_variants
-  from sdl_jax.models import dnnl, norm
-  x = jnp.arange(6.0)
-  for name, grads_swapped in (("no_stored", False), ("session15", True)):
-    try:
-      conv_variants.use_model_ops(norm=name)
-      assert dnnl.stored(x) is x
-      assert (norm._grads is conv_variants._session15_bn_grads) == grads_swapped
-    finally:
-      conv_variants.use_model_ops()
-    assert dnnl.stored is conv_variants._LIBRARY_STORED
-    assert norm._grads is conv_variants._LIBRARY_BN_GRADS

@@ -1,4 +1,4 @@
-"""oneDNN convolutions through XLA's FFI (``sdl_jax.models.dnnl``) against lax."""
+"""oneDNN convolutions through XLA's FFI (``sdl_jax.cpu.dnnl``) against lax."""
 
 import os
 import re
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from sdl_jax.models import dnnl
-from sdl_jax.models.conv import conv_general_dilated as library_conv
+from sdl_jax.cpu import dnnl
+from sdl_jax.cpu.conv import conv_general_dilated as library_conv
 
 REPO = Path(__file__).resolve().parents[1]
 DN = ("NHWC", "HWIO", "NHWC")
@@ -233,11 +233,11 @@ def test_small_cnn_train_step_gradients_match_xla_paths(batch, size, kwargs):
 
 
 def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
-  """XLA's convolutions, never a crash: with ``SDL_JAX_DNNL=0`` silently, by default
+  """XLA's convolutions, never a crash: with ``SDL_JAX_DNNL=off`` silently, by default
   (``auto``) with a compiler that fails logged at info level only, asked for with that
   compiler with a warning."""
   code = ("import logging, jax.numpy as jnp; logging.basicConfig();"
-          "from sdl_jax.models import dnnl; from sdl_jax.models.conv import conv_general_dilated as c;"
+          "from sdl_jax.cpu import dnnl; from sdl_jax.cpu.conv import conv_general_dilated as c;"
           "print('AVAILABLE', dnnl.available());"
           "y = c(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), 'SAME',"
           " dimension_numbers=('NHWC', 'HWIO', 'NHWC')); print('SUM', float(y.sum()))")
@@ -245,9 +245,9 @@ def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
               JAX_PLATFORMS="cpu")
   base.pop("SDL_JAX_DNNL", None)
   broken = str(tmp_path / "no-such-compiler")
-  for extra, warned in [({"SDL_JAX_DNNL": "0"}, False), ({"CXX": broken}, False),
+  for extra, warned in [({"SDL_JAX_DNNL": "off"}, False), ({"CXX": broken}, False),
                         ({"SDL_JAX_DNNL": "auto", "CXX": broken}, False),
-                        ({"SDL_JAX_DNNL": "1", "CXX": broken}, True),
+                        ({"SDL_JAX_DNNL": "all", "CXX": broken}, True),
                         ({"SDL_JAX_DNNL": "grouped", "CXX": broken}, True)]:
     proc = subprocess.run([sys.executable, "-c", code], env={**base, **extra}, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -258,24 +258,31 @@ def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
       assert "compiling dnnl_conv.cc" in proc.stderr
 
 
-def test_modes_from_the_environment_and_use(monkeypatch):
+def test_modes_from_use_the_environment_and_the_config(monkeypatch):
   assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 20603) == "all"
   assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 30200) == "all"
   assert dnnl.auto_mode(["avx2", "fma"], 30200) == "xla_large_wgrad"
   assert dnnl.auto_mode(["avx2", "fma"], 20603) == dnnl.auto_mode([]) == "grouped"
-  for value, want in [("", dnnl.auto_mode()), ("auto", dnnl.auto_mode()), ("1", "all"),
-                      ("ALL", "all"), ("on", "all"), ("grouped", "grouped"), ("0", "off"),
-                      ("xla_wgrad", "xla_wgrad"), ("xla_spatial_wgrad", "xla_spatial_wgrad"),
-                      ("xla_large_wgrad", "xla_large_wgrad"),
-                      (" false ", "off")]:
+  monkeypatch.setattr(dnnl, "_override", None)  # not this module's fixture's choice
+  monkeypatch.setattr(dnnl, "_configured", "auto")
+  for value, want in [("", dnnl.auto_mode()), ("auto", dnnl.auto_mode()), ("ALL", "all"),
+                      ("grouped", "grouped"), ("xla_large_wgrad", "xla_large_wgrad"),
+                      (" off ", "off")]:
     monkeypatch.setenv("SDL_JAX_DNNL", value)
-    monkeypatch.setattr(dnnl, "_override", None)  # not this module's fixture's choice
     assert dnnl.mode() == want, value
     assert dnnl.requested() == (want != "off")
-  monkeypatch.setenv("SDL_JAX_DNNL", "maybe")
-  with pytest.raises(ValueError, match="SDL_JAX_DNNL='maybe'.*auto, all, xla_large_wgrad, "
-                                       "xla_spatial_wgrad, xla_wgrad, grouped, off"):
-    dnnl.mode()
+  for dropped in ("1", "on", "xla_wgrad", "xla_spatial_wgrad", "maybe"):
+    monkeypatch.setenv("SDL_JAX_DNNL", dropped)
+    with pytest.raises(ValueError, match=f"SDL_JAX_DNNL='{dropped}'.*auto, all, "
+                                         "xla_large_wgrad, grouped, off"):
+      dnnl.mode()
+  monkeypatch.delenv("SDL_JAX_DNNL")
+  dnnl.set_default("grouped")  # config.cpu.dnnl, below the environment
+  assert dnnl.mode() == "grouped"
+  monkeypatch.setenv("SDL_JAX_DNNL", "off")
+  assert dnnl.mode() == "off"
+  with pytest.raises(ValueError, match="config.cpu.dnnl='dense'"):
+    dnnl.set_default("dense")
   with pytest.raises(ValueError, match="dnnl.use='dense'"):
     with dnnl.use("dense"):
       pass
@@ -306,23 +313,22 @@ def test_grouped_mode_sends_only_grouped_convolutions_to_dnnl():
     (1, (2, 2), ((0, 0), (0, 0))),   # pointwise's, strided
     (3, (2, 2), ((0, 1), (0, 1))),   # strided's (space-to-depth)
 ])
-@pytest.mark.parametrize("mode,limit", [("xla_wgrad", 1e9), ("xla_spatial_wgrad", 1e9),
-                                        ("xla_large_wgrad", 1e9), ("xla_large_wgrad", 1)])
-def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode, limit,
-                                                       monkeypatch):
-  """``xla_wgrad``: dense convolutions forward and input gradient on oneDNN, their weight
-  gradient on XLA's path; ``xla_spatial_wgrad`` the same but 1x1 ones' weight gradient on
-  oneDNN; ``xla_large_wgrad`` also those with fewer than ``LARGE_WGRAD_MACS``
-  multiply-adds (all of these with the default; none with 1); grouped ones wholly on
-  oneDNN in all."""
+@pytest.mark.parametrize("limit", [1e9, 1])
+def test_xla_large_wgrad_mode_value_and_gradients_equal_lax(k, strides, padding, limit,
+                                                            monkeypatch):
+  """``xla_large_wgrad``: dense convolutions forward and input gradient on oneDNN, the
+  weight gradient too for 1x1 ones and those with fewer than ``LARGE_WGRAD_MACS``
+  multiply-adds (all of these with 1e9; none larger than 1x1 with 1), else on XLA's path;
+  grouped ones wholly on oneDNN."""
   monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", limit)
+  monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: False)
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=(2, 9, 10, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, 4, 6)), jnp.float32)
   loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
   ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
   mine = lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN)
-  with dnnl.use(mode):
+  with dnnl.use("xla_large_wgrad"):
     jaxpr = str(jax.make_jaxpr(jax.grad(loss(mine), argnums=(0, 1)))(x, w))
     got = jax.jit(jax.grad(loss(mine), argnums=(0, 1)))(x, w)
     value = jax.jit(mine)(x, w)
@@ -330,9 +336,7 @@ def test_xla_wgrad_modes_value_and_gradients_equal_lax(k, strides, padding, mode
         x, w, (1, 1), "SAME", dimension_numbers=DN, feature_group_count=2))(
             x, jnp.ones((3, 3, 2, 4))))
   assert "SdlDnnlConvFwd" in jaxpr and "SdlDnnlConvBwdData" in jaxpr
-  on_dnnl = {"xla_wgrad": False, "xla_spatial_wgrad": k == 1,
-             "xla_large_wgrad": k == 1 or limit > 1}[mode]
-  assert ("SdlDnnlConvBwdWeights" in jaxpr) == on_dnnl
+  assert ("SdlDnnlConvBwdWeights" in jaxpr) == (k == 1 or limit > 1)
   assert "SdlDnnlConvFwd" in dw_traced  # grouped: oneDNN
   np.testing.assert_allclose(value, ref(x, w), rtol=1e-5, atol=1e-5)
   for g, r in zip(got, jax.grad(loss(ref), argnums=(0, 1))(x, w)):
@@ -361,14 +365,15 @@ def test_weight_grad_routing_by_mode_kernel_and_multiply_adds(monkeypatch):
       monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: blocked)
       assert takes(1, square) == blocked and takes(1, w1)
   monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1e9)
-  for mode, want3, want1 in [("all", True, True), ("xla_spatial_wgrad", False, True),
-                             ("xla_wgrad", False, False), ("grouped", False, False)]:
+  for mode, want3, want1 in [("all", True, True), ("grouped", False, False)]:
     with dnnl.use(mode):
       assert (takes(1, w3), takes(1, w1), takes(2, (3, 3, 2, 6))) == (want3, want1, True)
 
 
 @needs_dnnl
-def test_xla_wgrad_mode_second_order_gradients_equal_lax():
+def test_xla_large_wgrad_mode_second_order_gradients_equal_lax(monkeypatch):
+  monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1)  # the weight gradient on XLA's path
+  monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: False)
   strides, padding = (1, 1), ((1, 1), (1, 1))
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(2, 6, 7, 3)), jnp.float32)
@@ -380,7 +385,7 @@ def test_xla_wgrad_mode_second_order_gradients_equal_lax():
       return jnp.sum(jnp.sin(gx)) + jnp.sum(jnp.cos(gw))
     return jax.grad(inner, argnums=(0, 1))(x, w)
 
-  with dnnl.use("xla_wgrad"):
+  with dnnl.use("xla_large_wgrad"):
     got = outer(lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN))
   want = outer(lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
                                                       dimension_numbers=DN))
@@ -393,7 +398,7 @@ def test_loading_logs_the_version_at_info_level():
   """(Logging it once recursed into ``_load`` until the stack ran out: run.py logs at
   info level.)"""
   code = ("import logging; logging.basicConfig(level=logging.INFO);"
-          "from sdl_jax.models import dnnl; print('MODE', dnnl.mode(), dnnl.available())")
+          "from sdl_jax.cpu import dnnl; print('MODE', dnnl.mode(), dnnl.available())")
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   env.pop("SDL_JAX_DNNL", None)
   proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
@@ -426,7 +431,7 @@ def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
 CONCURRENT_WORKER = r'''
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
-from sdl_jax.models import dnnl
+from sdl_jax.cpu import dnnl
 assert dnnl.available() and jax.local_device_count() == 2
 pad, dn = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
 rng = np.random.default_rng(0)
@@ -452,7 +457,7 @@ def test_two_devices_run_the_same_convolutions_at_once():
   """XLA runs a pmap's devices on several threads at once, so the same oneDNN primitive
   runs on two threads together. With oneDNN's own scratchpad this deadlocked in the first
   few steps (the 3->8 weight gradient); each thread now brings its own."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", SDL_JAX_DNNL="1",
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", SDL_JAX_DNNL="all",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-c", CONCURRENT_WORKER], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=240)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from sdl_jax import models, weights
-from sdl_jax.models import kernels, table
+from sdl_jax.cpu import paths as cpu_paths
+from sdl_jax.cpu.pool import max_pool_3x3_s2
+from sdl_jax.models import table
 from sdl_jax.models.efficientnet_lite import block_configs, round_filters
-from sdl_jax.models.resnet import max_pool_3x3_s2
 from sdl_jax.models.vgg import adaptive_avg_pool
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -103,7 +104,7 @@ def test_resnet_train_mode_gradients_equal_torch(paths):
                               mutable=["batch_stats"])
       return jnp.sum(jnp.sin(logits)), logits
 
-    with kernels.use(paths):
+    with cpu_paths.use(paths):
       (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
           variables["params"])
     want = out.detach().numpy()
@@ -128,7 +129,7 @@ def test_resnet_train_mode_gradients_equal_torch(paths):
     pytest.param("efficientnet_lite0", 33, {}, marks=pytest.mark.slow),
 ])
 def test_hand_paths_and_xla_paths_compute_the_same(name, size, kwargs):
-  """The models' hand-written XLA:CPU layers (``kernels.use('cpu')``) and XLA's own
+  """The models' hand-written XLA:CPU layers (``cpu_paths.use('cpu')``) and XLA's own
   operations (``'xla'``, what GPU/TPU take) give the same train-mode logits, gradients and
   batch statistics (float32, to 1e-4 of the largest logit and gradient); and the switch
   changes the traced program. (ResNet-50's are also checked against PyTorch's in float64,
@@ -148,7 +149,7 @@ def test_hand_paths_and_xla_paths_compute_the_same(name, size, kwargs):
 
   out, programs = {}, {}
   for paths in ("cpu", "xla"):
-    with kernels.use(paths):
+    with cpu_paths.use(paths):
       out[paths] = jax.jit(jax.value_and_grad(make_loss(), has_aux=True))(
           variables["params"])
       programs[paths] = str(jax.make_jaxpr(make_loss())(variables["params"]))
@@ -377,21 +378,29 @@ def test_log_probs_mirrored_stays_finite_where_softmax_underflows():
   np.testing.assert_allclose(out[0, :2], np.log(0.5), rtol=1e-6)
 
 
-def test_kernels_mode_from_environment_and_context(monkeypatch):
-  monkeypatch.delenv(kernels.ENV, raising=False)
-  assert kernels.mode() == "auto"
-  assert kernels.hand_paths() == (jax.default_backend() == "cpu")
-  monkeypatch.setenv(kernels.ENV, " XLA ")
-  assert kernels.mode() == "xla" and not kernels.hand_paths()
-  with kernels.use("cpu"):
-    assert kernels.hand_paths()
-    with kernels.use("xla"):
-      assert not kernels.hand_paths()
-    assert kernels.mode() == "cpu"
-  assert kernels.mode() == "xla"
-  monkeypatch.setenv(kernels.ENV, "cuda")
+def test_paths_mode_from_context_environment_and_config(monkeypatch):
+  monkeypatch.delenv(cpu_paths.ENV, raising=False)
+  monkeypatch.setattr(cpu_paths, "_configured", "auto")
+  assert cpu_paths.mode() == "auto"
+  assert cpu_paths.hand_paths() == (jax.default_backend() == "cpu")
+  monkeypatch.setenv(cpu_paths.ENV, " XLA ")
+  assert cpu_paths.mode() == "xla" and not cpu_paths.hand_paths()
+  with cpu_paths.use("cpu"):
+    assert cpu_paths.hand_paths()
+    with cpu_paths.use("xla"):
+      assert not cpu_paths.hand_paths()
+    assert cpu_paths.mode() == "cpu"
+  assert cpu_paths.mode() == "xla"
+  monkeypatch.setenv(cpu_paths.ENV, "cuda")
   with pytest.raises(ValueError, match="SDL_JAX_KERNELS='cuda'"):
-    kernels.hand_paths()
+    cpu_paths.hand_paths()
   with pytest.raises(ValueError, match="must be one of auto, cpu, xla"):
-    with kernels.use("fast"):
+    with cpu_paths.use("fast"):
       pass
+  monkeypatch.delenv(cpu_paths.ENV)
+  cpu_paths.set_default("xla")  # config.cpu.kernels: below the environment and use()
+  assert cpu_paths.mode() == "xla" and not cpu_paths.hand_paths()
+  monkeypatch.setenv(cpu_paths.ENV, "cpu")
+  assert cpu_paths.hand_paths()
+  with pytest.raises(ValueError, match="config.cpu.kernels='gpu'"):
+    cpu_paths.set_default("gpu")

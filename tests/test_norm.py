@@ -1,5 +1,5 @@
-"""sdl_jax.models.norm.BatchNorm equals flax's BatchNorm (+ ReLU or ReLU6); its hand-written
-gradient equals autodiff's of a plain implementation."""
+"""sdl_jax.models.layers.BatchNorm equals flax's BatchNorm (+ ReLU or ReLU6); the
+hand-written gradient of sdl_jax.cpu.norm equals autodiff's of a plain implementation."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sdl_jax.models.norm import BatchNorm, batch_norm_train
+from sdl_jax.cpu.norm import batch_norm_train
+from sdl_jax.models.layers import BatchNorm
 
 
 ACTS = {None: lambda y: y, "relu": jax.nn.relu, "relu6": jax.nn.relu6}

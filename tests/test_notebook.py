@@ -60,7 +60,9 @@ def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
   settings = _text(code[0])
   # The kernel is this interpreter (the test venv), not some other python3 on the machine.
   assert f"python {sys.executable}," in settings and "smoke=True" in settings
-  devices = _text(code[2])
+  # The process settings, before JAX starts: the user's device count kept beside them.
+  assert "'xla_flags': ['--xla_cpu" in _text(code[2])
+  devices = _text(code[3])
   assert "2 device(s), backend cpu" in devices
   results = json.loads((workdir / "results.json").read_text())
   assert results["devices"] == 2
@@ -72,6 +74,6 @@ def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
   # Curves, three evaluation figures, four predictions.
   assert len(images) == 8
   assert report.is_png(str(workdir / "figures" / "curves.png"))
-  predictions = _text(code[7])
+  predictions = _text(code[8])
   assert predictions.count("oracle says") == 4
   assert "not_an_image.jpg: error:" in predictions

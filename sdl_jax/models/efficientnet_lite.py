@@ -22,8 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sdl_jax.models.conv import conv_general_dilated
-from sdl_jax.models.norm import BatchNorm
+from sdl_jax.models.layers import BatchNorm, Conv
 
 # Stages of EfficientNet-Lite0: (repeats, kernel, stride, expand_ratio, in, out).
 STAGES = (
@@ -88,8 +87,7 @@ class MBConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
-                             conv_general_dilated=conv_general_dilated)
+    conv = functools.partial(Conv, use_bias=False, padding="SAME", dtype=self.dtype)
     norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.99,
                              epsilon=1e-3, dtype=self.dtype)
     cin = x.shape[-1]
@@ -130,16 +128,14 @@ class EfficientNetLite(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.99,
                              epsilon=1e-3, dtype=self.dtype)
     x = x.astype(self.dtype)
-    x = nn.Conv(STEM_WIDTH, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
-                dtype=self.dtype, conv_general_dilated=conv_general_dilated,
-                name="stem_conv")(x)
+    x = Conv(STEM_WIDTH, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
+             dtype=self.dtype, name="stem_conv")(x)
     x = norm(name="stem_bn", activation="relu6")(x)
     blocks = block_configs(self.width, self.depth)
     for i, (k, s, e, _, cout) in enumerate(blocks):
       x = MBConv(k, s, e, cout, self.drop_connect_rate * i / len(blocks), self.dtype,
                  name=f"block{i}")(x, train)
-    x = nn.Conv(TOP_WIDTH, (1, 1), use_bias=False, dtype=self.dtype,
-                conv_general_dilated=conv_general_dilated, name="top_conv")(x)
+    x = Conv(TOP_WIDTH, (1, 1), use_bias=False, dtype=self.dtype, name="top_conv")(x)
     x = norm(name="top_bn", activation="relu6")(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -6,9 +6,8 @@ key by key: ``conv1``, ``bn1``, ``layer{1..4}_{j}`` (``layer1.0`` in PyTorch) wi
 expansion) and, in the first block of a stage, ``downsample_conv/downsample_bn``; the
 classifier is ``head`` (torchvision's ``fc``). Padding is PyTorch's symmetric padding
 (3 for the 7x7 stem, 1 for 3x3 convs and the 3x3/2 max-pool), not TF's "SAME".
-BatchNorm epsilon 1e-5, momentum 0.9 (PyTorch's 0.1), ``sdl_jax.models.norm.BatchNorm``
-(flax's, with a hand-written gradient, ReLU fused where one follows). Pretrained inputs are
-ImageNet-normalised RGB.
+BatchNorm epsilon 1e-5, momentum 0.9 (PyTorch's 0.1), ``layers.BatchNorm`` (flax's
+variables, ReLU fused where one follows). Pretrained inputs are ImageNet-normalised RGB.
 """
 
 from __future__ import annotations
@@ -17,76 +16,9 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from sdl_jax.models import kernels
-from sdl_jax.models.conv import conv_general_dilated
-from sdl_jax.models.norm import BatchNorm
-from sdl_jax.models.small_cnn import first_max
-
-
-def max_pool_3x3_s2(x):
-  """3x3 max-pool, stride 2, padding 1 (padded with -inf), ``[N, H, W, C]``.
-
-  ``y[n, i, j] = max_{a, b < 3} xpad[n, 2i + a, 2j + b]``: the maximum of nine strided
-  slices. Gradient (``custom_vjp``): each window's cotangent goes to its first maximum in
-  row-major order, as in PyTorch and XLA's select-and-scatter. The forward pass keeps that
-  tap's index (int8, a quarter of the output's bytes); the backward pass assembles ``dx`` by
-  stride phase (even/odd rows and columns of ``xpad``, each a sum of 1, 2 or 4 shifted
-  slices of the masked, padded cotangent) and interleaves the four phases. Autodiff of the
-  slices instead scatters nine strided pads and recomputes the stem's BatchNorm and ReLU
-  inside that loop; it measured the largest single op of ResNet-50's step (README,
-  "Performance"), and splits ties. Off the CPU backend (``kernels.hand_paths()`` false) it
-  is ``flax.linen.max_pool``.
-  """
-  if not kernels.hand_paths():  # XLA's reduce_window; its gradient also picks the first max
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  return _max_pool_3x3_s2(x, tuple(x.shape[1:3]))
-
-
-def pool_taps(x):
-  """The nine ``[N, Ho, Wo, C]`` slices of the -inf padded ``x``, in row-major tap order."""
-  n, h, w, c = x.shape
-  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  xp = jnp.pad(x, ((0, 0), (1, 2 * ho - h), (1, 2 * wo - w), (0, 0)),
-               constant_values=-jnp.inf)
-  return [xp[:, a:a + 2 * (ho - 1) + 1:2, b:b + 2 * (wo - 1) + 1:2]
-          for a in range(3) for b in range(3)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_3x3_s2(x, hw):
-  del hw
-  return functools.reduce(jnp.maximum, pool_taps(x))
-
-
-def _max_pool_3x3_s2_fwd(x, hw):
-  del hw
-  return first_max(pool_taps(x))
-
-
-def _max_pool_3x3_s2_bwd(hw, first, g):
-  h, w = hw
-  n, ho, wo, c = g.shape
-  # Padded by one on each side, so every shifted slice below is in bounds.
-  gp = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  fp = jnp.pad(first, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-1)
-  zero = jnp.zeros((), g.dtype)
-  # Tap offset a in {0, 1, 2} lands on xpad row 2i + a: phase a % 2, phase row i + a // 2.
-  phases = {}
-  for t in range(9):
-    a, b = divmod(t, 3)
-    di, dj = a // 2, b // 2
-    term = jnp.where(fp == t, gp, zero)[:, 1 - di:2 - di + ho, 1 - dj:2 - dj + wo]
-    key = (a % 2, b % 2)
-    phases[key] = term if key not in phases else phases[key] + term
-  rows = [jnp.stack([phases[(p, 0)], phases[(p, 1)]], axis=3) for p in (0, 1)]
-  dxp = jnp.stack(rows, axis=2).reshape(n, 2 * ho + 2, 2 * wo + 2, c)
-  return (dxp[:, 1:1 + h, 1:1 + w],)
-
-
-_max_pool_3x3_s2.defvjp(_max_pool_3x3_s2_fwd, _max_pool_3x3_s2_bwd)
+from sdl_jax.models.layers import BatchNorm, Conv, max_pool_3x3_s2
 
 
 class Bottleneck(nn.Module):
@@ -98,8 +30,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             conv_general_dilated=conv_general_dilated)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
     norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
     s = (self.stride,) * 2
@@ -127,8 +58,8 @@ class ResNet50(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
-    x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, conv_general_dilated=conv_general_dilated, name="conv1")(x)
+    x = Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+             dtype=self.dtype, name="conv1")(x)
     x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                   dtype=self.dtype, activation="relu", name="bn1")(x)
     x = max_pool_3x3_s2(x)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdl_jax import models
-from sdl_jax.models import dnnl
+from sdl_jax.cpu import dnnl
 
 
 def count_macs(model: nn.Module, x_shape, **apply_kwargs) -> int:

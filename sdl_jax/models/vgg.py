@@ -18,8 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sdl_jax.models.conv import conv_general_dilated
-from sdl_jax.models.small_cnn import max_pool_2x2
+from sdl_jax.models.layers import Conv, max_pool_2x2
 
 STAGE_CONVS = (2, 2, 3, 3, 3)
 
@@ -65,8 +64,8 @@ class VGG16(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
-                             dtype=self.dtype, conv_general_dilated=conv_general_dilated)
+    conv = functools.partial(Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
+                             dtype=self.dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     if x.ndim != 4 or min(x.shape[1:3]) < 32:
       raise ValueError(f"VGG16 takes [N, H, W, C] images with H, W >= 32 (five 2x2 "

@@ -16,34 +16,31 @@ gradients). Needs a C++ compiler and oneDNN's headers and library: the Python
 environment's (``onednn-devel-cpu-gomp``, a dependency of the package on x86-64 Linux)
 where installed, else the system's (Debian/Ubuntu: ``apt-get install libdnnl-dev``).
 
-Which convolutions go to oneDNN, ``$SDL_JAX_DNNL`` (or ``use(...)``):
+Which convolutions go to oneDNN: ``use(...)`` (a context manager) if inside one, else
+``$SDL_JAX_DNNL`` where set (an override for one run), else ``config.cpu.dnnl`` (set by
+``sdl_jax.cpu.configure``), else ``auto``:
 
-* ``auto`` (the default): ``all`` on a CPU with AVX-512; elsewhere ``xla_large_wgrad``
-  with oneDNN 3.x (the ``onednn-devel-cpu-gomp`` wheel the package installs) and
-  ``grouped`` with oneDNN 2.x (Debian's ``libdnnl-dev``). Measured in the train step
-  (README, "Performance"): on an AVX-512 Xeon oneDNN 2.6 made every model faster (+8%
-  ResNet-50 to +64% EfficientNet-Lite0); on an AVX2-only EPYC oneDNN 2.6 made the dense
-  convolutions slower than XLA's and the depthwise ones faster, and oneDNN 3.2's forward
-  pass and input gradient (its brgemm kernels) were faster than XLA's; its weight gradient
-  (a JIT kernel) was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and for
-  smaller larger ones (the small CNN's six with 0.1-1.2 G multiply-adds, once ``after``
-  ordered the backward pass: its step +5%; Lite0's stem), slower for large ones on XLA's
-  NHWC layout (2.8 G and up: ResNet-50's, VGG-16's; VGG-16 with all of them there ran at
-  0.66x the step's speed, session 14), and on its own blocked layout
-  (``blocked_weight_grad``) faster again for large ones that do not widen (ResNet-50's 3x3
-  ones: its step +2.2%; VGG-16 level; session 16).
-* ``all`` (also ``1``, ``true``, ``on``, ``yes``): every float32 NHWC convolution.
+* ``auto``: ``all`` on a CPU with AVX-512; elsewhere ``xla_large_wgrad`` with oneDNN 3.x
+  (the ``onednn-devel-cpu-gomp`` wheel the package installs) and ``grouped`` with oneDNN
+  2.x (Debian's ``libdnnl-dev``). Measured in the train step (README, "Performance"): on
+  an AVX-512 Xeon oneDNN 2.6 made every model faster (+8% ResNet-50 to +64%
+  EfficientNet-Lite0); on an AVX2-only EPYC oneDNN 2.6 made the dense convolutions slower
+  than XLA's and the depthwise ones faster, and oneDNN 3.2's forward pass and input
+  gradient (its brgemm kernels) were faster than XLA's; its weight gradient (a JIT kernel)
+  was faster than XLA's for 1x1 kernels (EfficientNet-Lite0 +12%) and for smaller larger
+  ones (the small CNN's six with 0.1-1.2 G multiply-adds, once ``after`` ordered the
+  backward pass: its step +5%; Lite0's stem), slower for large ones on XLA's NHWC layout
+  (2.8 G and up: ResNet-50's, VGG-16's; VGG-16 with all of them there ran at 0.66x the
+  step's speed), and on its own blocked layout (``blocked_weight_grad``) faster again for
+  large ones that do not widen (ResNet-50's 3x3 ones: its step +2.2%; VGG-16 level).
+* ``all``: every float32 NHWC convolution.
 * ``xla_large_wgrad``: every one, except that dense (ungrouped) convolutions with a
   kernel larger than 1x1 and a weight gradient of at least ``LARGE_WGRAD_MACS``
   multiply-adds (``N Ho Wo kh kw C O``, per device) whose weight gradient oneDNN would
   not run on its blocked layout (``blocked_weight_grad``: those that widen, ``C < O``, and
   all on AVX-512) have XLA's weight gradient (the same path as with oneDNN off).
-* ``xla_spatial_wgrad``: the same for every dense convolution with a kernel larger than
-  1x1, whatever its size (``auto`` on AVX2 in session 13).
-* ``xla_wgrad``: every one, except that all dense convolutions' weight gradients are
-  XLA's (``auto`` on AVX2 before session 13).
 * ``grouped``: grouped and depthwise convolutions only.
-* ``off`` (also ``0``, ``false``, ``no``): none; XLA's kernels and the hand paths.
+* ``off``: none; XLA's kernels and the hand paths of ``conv.py``.
 
 bfloat16 (``config.dtype = "bfloat16"``: bfloat16 activations and weights, float32 master
 weights): where the CPU has bfloat16 arithmetic (``avx512_bf16``, e.g. AMD Zen 4/5, or
@@ -80,16 +77,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdl_jax import perf
+from sdl_jax.cpu.process import cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "dnnl_conv.cc"
 ENV = "SDL_JAX_DNNL"
 TARGETS = {"fwd": "SdlDnnlConvFwd", "bwd_data": "SdlDnnlConvBwdData",
            "bwd_weights": "SdlDnnlConvBwdWeights"}
 STORED_TARGET = "SdlStored"  # ``stored``'s identity, in the same library
 _log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-  return Path(os.environ.get("SDL_JAX_CACHE") or Path.home() / ".cache" / "sdl_jax")
 
 
 def onednn_prefix() -> Path | None:
@@ -150,7 +146,7 @@ def build() -> Path:
 def _load() -> str | None:
   """Builds, loads and registers the handlers once; returns why not, or None if done."""
   # oneDNN runs on OpenMP threads beside XLA's pool: waiting threads sleep rather than
-  # spin, leaving the cores to XLA's between calls (session 8, AVX-512: the small CNN +28%
+  # spin, leaving the cores to XLA's between calls (AVX-512: the small CNN +28%
   # over XLA's convolutions with it, +23% in an earlier run without; not an A/B of the
   # policy itself). Read when libgomp loads, below.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -189,28 +185,32 @@ def _format(v: int | None) -> str:
   return "unavailable" if v is None else f"{v // 10000}.{v // 100 % 100}.{v % 100}"
 
 
-MODES = ("auto", "all", "xla_large_wgrad", "xla_spatial_wgrad", "xla_wgrad", "grouped",
-         "off")
+MODES = ("auto", "all", "xla_large_wgrad", "grouped", "off")
 # Between the largest weight gradients oneDNN 3.2 ran faster than XLA's in the train step
 # on an AVX2 EPYC on NHWC (1.2e9 multiply-adds, the small CNN's 32 -> 32, 64 -> 64 and
 # 128 -> 128 3x3 ones at batch 32, once the backward pass was ordered by ``after``) and the
 # smallest XLA's ran faster (2.8e9 and up: VGG-16's first layer, ResNet-50's 3.7e9);
-# README, "Performance", sessions 14-15. Applies to those not on the blocked layout only.
+# README, "Performance". Applies to those not on the blocked layout only.
 LARGE_WGRAD_MACS = 2e9
-_ALIASES = {"": "auto", "1": "all", "true": "all", "on": "all", "yes": "all",
-            "0": "off", "false": "off", "no": "off"}
 _override: str | None = None
+_configured = "auto"
 
 
 def _parse(value, where: str) -> str:
+  """``value`` (one of ``MODES``; ``True``/``False`` for ``all``/``off``) as a mode, or a
+  ValueError naming ``where``."""
   if isinstance(value, bool):
     return "all" if value else "off"
   mode = str(value).strip().lower()
-  mode = _ALIASES.get(mode, mode)
   if mode not in MODES:
-    raise ValueError(f"{where}={value!r}: expected one of {', '.join(MODES)} "
-                     "(or 1/0, true/false, on/off, yes/no)")
+    raise ValueError(f"{where}={value!r}: expected one of {', '.join(MODES)}")
   return mode
+
+
+def set_default(value) -> None:
+  """The mode when neither ``use`` nor ``$SDL_JAX_DNNL`` says (``configure`` sets it)."""
+  global _configured
+  _configured = _parse(value, "config.cpu.dnnl")
 
 
 def auto_mode(isa: list[str] | None = None, onednn: int | None = None) -> str:
@@ -226,15 +226,14 @@ def auto_mode(isa: list[str] | None = None, onednn: int | None = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_isa() -> tuple[str, ...]:
-  from sdl_jax import perf  # pylint: disable=g-import-not-at-top
   return tuple(perf.cpu_isa())
 
 
 @contextlib.contextmanager
 def use(mode: bool | str):
   """Within the block, oneDNN takes the convolutions ``mode`` says (``True``: ``all``,
-  ``False``: ``off``, or one of ``MODES``), whatever ``$SDL_JAX_DNNL`` says; models traced
-  there keep that choice."""
+  ``False``: ``off``, or one of ``MODES``), whatever ``$SDL_JAX_DNNL`` and the config say;
+  models traced there keep that choice."""
   global _override
   previous, _override = _override, _parse(mode, "dnnl.use")
   try:
@@ -249,12 +248,15 @@ def disabled():
 
 
 def _asked() -> str:
-  return _override if _override is not None else _parse(os.environ.get(ENV, ""), ENV)
+  if _override is not None:
+    return _override
+  env = os.environ.get(ENV, "").strip()
+  return _parse(env, ENV) if env else _configured
 
 
 def mode() -> str:
-  """Which convolutions are asked to go to oneDNN: one of ``MODES`` but ``auto`` (``use``'s
-  choice, else ``$SDL_JAX_DNNL``; ``auto`` resolved for this CPU and oneDNN)."""
+  """Which convolutions are asked to go to oneDNN: one of ``MODES`` but ``auto`` (see the
+  module docstring; ``auto`` resolved for this CPU and oneDNN)."""
   asked = _asked()
   return auto_mode() if asked == "auto" else asked
 
@@ -300,13 +302,10 @@ def takes_weight_grad(groups: int, x_shape, w_shape, strides, padding) -> bool:
   kh, kw = int(w_shape[0]), int(w_shape[1])
   if groups > 1 or m == "all":
     return True
-  if m not in ("xla_large_wgrad", "xla_spatial_wgrad"):
-    return False
-  if (kh, kw) == (1, 1):
-    return True
   if m != "xla_large_wgrad":
     return False
-  return (weight_grad_macs(x_shape, w_shape, strides, padding) < LARGE_WGRAD_MACS
+  return ((kh, kw) == (1, 1)
+          or weight_grad_macs(x_shape, w_shape, strides, padding) < LARGE_WGRAD_MACS
           or blocked_weight_grad(groups, w_shape))
 
 
@@ -329,7 +328,7 @@ def blocked_weight_grad(groups: int, w_shape) -> bool:
   """Whether oneDNN's weight gradient of a convolution with ``groups`` feature groups and
   weights ``[kh, kw, C / groups, O]`` runs on oneDNN's blocked layout of ``x`` and ``dy``
   (reordered from NHWC on every call) instead of on NHWC: for dense ones larger than 1x1
-  that do not widen (``C >= O``), on CPUs without AVX-512. On the AVX2 EPYC of session 15
+  that do not widen (``C >= O``), on CPUs without AVX-512. On a 2-core AVX2 EPYC
   (``benchmarks/csrc/wgrad_layout.cc``: oneDNN 3.2's JIT kernel, reorders included):
   32 -> 32 channels at 64 px 19.8 against 26.4 ms, 64 -> 64 at 56 px 57.5 against 78.3,
   128 -> 128 at 28 px 52.0
@@ -337,7 +336,7 @@ def blocked_weight_grad(groups: int, w_shape) -> bool:
   or slower (32 -> 64 at 32 px 9.7 against 9.1 ms, 3 -> 32 at 64 px 4.1 against 3.4).
   Unmeasured on AVX-512, so left as it was there. Under ``xla_large_wgrad`` these stay on
   oneDNN whatever their size (``takes_weight_grad``): ResNet-50's 3x3 ones (3.7e9
-  multiply-adds each) made its step 2.2% faster than on XLA (session 16)."""
+  multiply-adds each) made its step 2.2% faster than on XLA."""
   kh, kw, c, o = (int(d) for d in w_shape)
   return groups == 1 and kh * kw > 1 and c >= o and "avx512f" not in _cpu_isa()
 
@@ -397,8 +396,8 @@ def stored(x):
   ResNet-50 a block's output ``relu(bn(x) + residual)`` is the next block's residual, so
   each block's BatchNorm-add-ReLU fusion (forward, and the ReLU mask of the backward pass)
   recomputed every earlier block's output in its stage from their convolutions' outputs,
-  reading up to four activation-sized tensors instead of two (README, "Performance",
-  session 16). ``lax.optimization_barrier`` does not stop it: XLA removes it before
+  reading up to four activation-sized tensors instead of two (README, "Performance").
+  ``lax.optimization_barrier`` does not stop it: XLA removes it before
   fusing.
   """
   return _stored(x) if available() else x
@@ -425,7 +424,7 @@ def after(a, b):
   gradient did not order the traced step). Nothing reads a convolution's weight gradient
   until the optimizer, so XLA left them all to the end of the step, where they ran two at
   once, each oneDNN call's two OpenMP threads sharing the two cores with the other's
-  (README, "Performance", session 15). XLA does not fold ``0 * s`` for floats (the tests
+  (README, "Performance"). XLA does not fold ``0 * s`` for floats (the tests
   check that the dependency survives compilation), and the add fuses into whatever reads
   ``a`` next.
   """

@@ -2,7 +2,7 @@
 // SdlDnnlBf16 says this CPU has fast bfloat16 kernels), grouped ones (depthwise included)
 // too. All three operands of a call share one dtype.
 //
-// Built and loaded by sdl_jax/models/dnnl.py, against oneDNN 2.x or 3.x (their primitive
+// Built and loaded by sdl_jax/cpu/dnnl.py, against oneDNN 2.x or 3.x (their primitive
 // descriptors are built differently; DNNL_VERSION_MAJOR picks). Layouts are the models':
 // activations NHWC, weights HWIO ([kh, kw, C / groups, O], output channel o in group
 // o / (O / groups)), row-major (XLA passes custom-call operands in their default layout).
@@ -254,7 +254,7 @@ SDL_DNNL_HANDLER(SdlDnnlConvFwd, kFwd)
 SDL_DNNL_HANDLER(SdlDnnlConvBwdData, kBwdData)
 SDL_DNNL_HANDLER(SdlDnnlConvBwdWeights, kBwdWeights)
 
-// The identity, for sdl_jax.models.dnnl.stored: XLA cannot fuse through a custom call, so
+// The identity, for sdl_jax.cpu.dnnl.stored: XLA cannot fuse through a custom call, so
 // whatever reads the result reads the buffer the operand was stored in, rather than a
 // fused recomputation of the operand from its own inputs. Called with the result aliasing
 // the operand (input_output_aliases), it does nothing; it copies only where XLA gave it

@@ -1,10 +1,11 @@
-"""BatchNorm (optionally with a ReLU or ReLU6 after it, and a residual added before a ReLU)
-whose training-mode gradient is written by hand: its two sums and one elementwise pass.
+"""Training-mode BatchNorm (optionally with a ReLU or ReLU6 after it, and a residual added
+before a ReLU) whose gradient is written by hand: its two sums and one elementwise pass
+(``batch_norm_train``), beside the same forward pass for autodiff (``batch_norm_forward``)
+and the inference-mode one (``batch_norm_eval``); ``sdl_jax.models.layers.BatchNorm`` holds
+the variables and picks one.
 
-Same variables and results as ``flax.linen.BatchNorm`` (``params``: ``scale``, ``bias``;
-``batch_stats``: ``mean``, ``var``; batch statistics over all but the last axis, variance
-as ``E[x^2] - E[x]^2`` clipped at 0, running averages with ``momentum``), so checkpoints and
-converted weights are interchangeable. Why: autodiff of flax's BatchNorm + ReLU stores
+Same results as ``flax.linen.BatchNorm`` (batch statistics over all but the last axis,
+variance as ``E[x^2] - E[x]^2`` clipped at 0). Why: autodiff of flax's BatchNorm + ReLU stores
 ``x - mean`` beside the output, and its gradient takes three reductions and two more
 elementwise passes (the ReLU's mask, then BatchNorm's); in ResNet-50's step on XLA:CPU
 those memory-bound passes were about a quarter of the time (README, "Performance").
@@ -13,14 +14,12 @@ those memory-bound passes were about a quarter of the time (README, "Performance
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdl_jax.models import dnnl, kernels
+from sdl_jax.cpu import dnnl
 
 
 def batch_norm_train(x, scale, bias, epsilon, activation=None, residual=None):
@@ -42,26 +41,46 @@ def batch_norm_train(x, scale, bias, epsilon, activation=None, residual=None):
   (``dresidual`` is the masked ``dy``): two sums over ``x`` and ``dy``, then ``dx`` in one
   elementwise pass; the activation's mask comes from the stored output, nothing else
   activation-sized is stored.
-  With ``kernels.hand_paths()`` false (GPU/TPU) the same forward pass is differentiated by
-  autodiff instead.
   """
-  act = _activation(activation)
-  hand = kernels.hand_paths()
+  act = check_activation(activation)
   if residual is None:
-    f = _batch_norm if hand else lambda *a: _batch_norm_fwd(*a)[0]
-    return f(x, scale, bias, float(epsilon), act)
+    return _batch_norm(x, scale, bias, float(epsilon), act)
+  _check_residual(act)
+  # In x's dtype, so that its cotangent (the masked dy) is too; autodiff casts it back.
+  return _batch_norm_add_relu(x, residual.astype(x.dtype), scale, bias, float(epsilon))
+
+
+def batch_norm_forward(x, scale, bias, epsilon, activation=None, residual=None):
+  """``batch_norm_train``'s forward pass (same arguments and results), for autodiff: the
+  path off XLA:CPU."""
+  act = check_activation(activation)
+  if residual is None:
+    return _batch_norm_fwd(x, scale, bias, float(epsilon), act)[0]
+  _check_residual(act)
+  return _forward_add_relu(x, residual.astype(x.dtype), scale, bias, float(epsilon))
+
+
+def batch_norm_eval(x, mean, var, scale, bias, epsilon, activation=None, residual=None):
+  """Inference-mode BatchNorm: ``(x - mean) * (var + epsilon)^(-1/2) * scale + bias``
+  (``mean``, ``var`` the running statistics ``[C]``), plus ``residual``, then the
+  ``activation``; at least float32 (``x``'s dtype if wider)."""
+  act = check_activation(activation)
+  y = _affine(x, mean, var, scale, bias, epsilon)
+  if residual is not None:
+    y = y + residual
+  return _apply(y, act)
+
+
+def _check_residual(act):
   if act != "relu":
     raise ValueError("batch_norm_train: a residual is only added before a ReLU "
                      "(activation='relu')")
-  f = _batch_norm_add_relu if hand else lambda *a: _batch_norm_add_relu_fwd(*a)[0]
-  # In x's dtype, so that its cotangent (the masked dy) is too; autodiff casts it back.
-  return f(x, residual.astype(x.dtype), scale, bias, float(epsilon))
 
 
 ACTIVATIONS = (None, "relu", "relu6")
 
 
-def _activation(activation):
+def check_activation(activation):
   """``activation`` if it is one of ``ACTIVATIONS``, else a ValueError."""
   if activation not in ACTIVATIONS:
     raise ValueError(f"BatchNorm activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -134,15 +153,18 @@ def _batch_norm_add_relu(x, residual, scale, bias, epsilon):
   return _batch_norm_add_relu_fwd(x, residual, scale, bias, epsilon)[0]
 
 
-def _batch_norm_add_relu_fwd(x, residual, scale, bias, epsilon):
+def _forward_add_relu(x, residual, scale, bias, epsilon):
   mean, var = _stats(x)
   y = _affine(x, mean, var, scale, bias, epsilon)
-  y = jnp.maximum(y + residual.astype(y.dtype), 0).astype(x.dtype)
-  if kernels.hand_paths():
-    # y is the next residual block's input and residual: stored, so that XLA:CPU does not
-    # recompute it (and each earlier block's output before it) inside every fusion that
-    # reads it (dnnl.stored).
-    y = dnnl.stored(y)
+  return jnp.maximum(y + residual.astype(y.dtype), 0).astype(x.dtype), mean, var
+
+
+def _batch_norm_add_relu_fwd(x, residual, scale, bias, epsilon):
+  y, mean, var = _forward_add_relu(x, residual, scale, bias, epsilon)
+  # y is the next residual block's input and residual: stored, so that XLA:CPU does not
+  # recompute it (and each earlier block's output before it) inside every fusion that
+  # reads it (dnnl.stored).
+  y = dnnl.stored(y)
   return (y, mean, var), (x, mean, var, scale, y)
 
 
@@ -181,43 +203,3 @@ def _grads(x, mean, var, scale, g, dmean, dvar, epsilon):
   c0 = -mul * dbias / m + dmean / m
   dx = mul * ga + xc * cx + c0
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
-
-
-class BatchNorm(nn.Module):
-  """``flax.linen.BatchNorm`` over the last axis (same variables, same numbers) with the
-  hand-written gradient of ``batch_norm_train``; ``activation`` (``'relu'``, ``'relu6'``)
-  is applied inside it. No cross-device statistics
-  (``axis_name``): each device normalises by its own batch, as the library's models always
-  did.
-
-  Attributes: ``use_running_average``, ``momentum`` (running = momentum * running +
-  (1 - momentum) * batch), ``epsilon``, ``dtype`` (output dtype; default ``x``'s),
-  ``activation``.
-  """
-  use_running_average: bool = False
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Any = None
-  activation: str | None = None
-
-  @nn.compact
-  def __call__(self, x, residual=None):
-    """``x`` ``[..., C]``; ``residual`` (same shape, needs ``activation='relu'``) is added
-    before the ReLU."""
-    act = _activation(self.activation)
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    dtype = self.dtype or x.dtype
-    if self.use_running_average:
-      y = _affine(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
-      if residual is not None:
-        y = y + residual
-      return _apply(y, act).astype(dtype)
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, act, residual)
-    if not self.is_initializing():
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y.astype(dtype)

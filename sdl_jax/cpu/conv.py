@@ -1,18 +1,12 @@
-"""A drop-in ``lax.conv_general_dilated`` that on the CPU runs float32 NHWC convolutions (and
-bfloat16 ones where the CPU has bfloat16 arithmetic, ``dnnl.bf16``) on
-oneDNN (``sdl_jax.models.dnnl``, where it is installed and ``$SDL_JAX_DNNL`` sends them:
-by default all on an AVX-512 CPU; elsewhere all but the weight gradients of dense ones
-larger than 1x1 that widen with 2e9 multiply-adds or more with oneDNN 3, the grouped ones
-with oneDNN 2) and otherwise depthwise
-convolutions as shifted taps, 1x1 convolutions as matmuls with a transpose-free weight
-gradient (``pointwise``), and gives dense strided convolutions a space-to-depth weight
-gradient (``strided``). oneDNN's kernels measured level with PyTorch's (which are oneDNN's)
-in every direction on an AVX-512 CPU where XLA's own ran 0.07-0.9x as fast (README,
-"Performance"); on an AVX2-only CPU oneDNN 3.2's dense forward and input-gradient
-kernels, its depthwise ones and its weight gradient of 1x1 and small convolutions won
-against XLA's in the train step, and of large ones that do not widen on its blocked
-layout; its other dense weight gradients lost (oneDNN 2.6's dense kernels lost in every
-direction). The paths below are what the rest takes.
+"""A drop-in ``lax.conv_general_dilated`` for XLA:CPU (``conv_general_dilated``): float32
+NHWC convolutions (and bfloat16 ones where the CPU has bfloat16 arithmetic, ``dnnl.bf16``)
+on oneDNN (``dnnl.py``) where it is installed and ``dnnl.mode()`` sends them, and otherwise
+depthwise convolutions as shifted taps, 1x1 convolutions as matmuls with a transpose-free
+weight gradient (``pointwise``), and dense strided convolutions with a space-to-depth
+weight gradient (``strided``). oneDNN's kernels measured level with PyTorch's (which are
+oneDNN's) in every direction on an AVX-512 CPU where XLA's own ran 0.07-0.9x as fast
+(README, "Performance"); on an AVX2-only CPU see ``dnnl``'s ``auto`` mode for which
+directions it takes. The paths below are what the rest takes.
 
 XLA:CPU's depthwise convolution (``feature_group_count`` = input channels, one filter per
 channel) measured 20-40x slower than PyTorch's in the forward pass and ~10x slower in the
@@ -28,13 +22,13 @@ variadic reduction over all taps, the stride-1 input gradient as taps again.
 docstring for why their gradient is written by hand.
 Dense strided ones (ResNet-50's 7x7 stem and stride-2 3x3 convolutions) are ``strided``.
 Every other convolution is ``lax.conv_general_dilated`` unchanged: with
-``sdl_jax.perf.FAST_CPU_XLA_FLAGS`` (set on import of ``sdl_jax``) XLA:CPU's own dense
-convolutions and their gradients are as fast as PyTorch's here. (An earlier version wrote
-the weight gradient as per-tap matmuls, which beat YNNPACK's convolution gradient but lost
-to XLA's own by ~1.7x on the small CNN.) These paths are taken on the CPU backend only:
-on GPU/TPU ``conv_general_dilated`` is ``lax.conv_general_dilated`` (``kernels.py``).
+``sdl_jax.cpu.process.FAST_CPU_XLA_FLAGS`` (set by ``sdl_jax.cpu.configure``) XLA:CPU's own
+dense convolutions and their gradients are as fast as PyTorch's here. (An earlier version
+wrote the weight gradient as per-tap matmuls, which beat YNNPACK's convolution gradient
+but lost to XLA's own by ~1.7x on the small CNN.)
 
-Use it as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
+The models reach it through ``sdl_jax.models.layers``, which takes it on the CPU backend
+only (``paths.hand_paths()``).
 """
 
 from __future__ import annotations
@@ -45,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sdl_jax.models import dnnl, kernels
+from sdl_jax.cpu import dnnl
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -379,11 +373,10 @@ def _is_dnnl(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """Same signature and result as ``lax.conv_general_dilated``; with the hand paths
-  (``kernels.hand_paths()``: on the CPU backend) on oneDNN where ``dnnl`` takes it, else
-  depthwise ones as taps, 1x1 ones as ``pointwise``, other dense strided ones as
-  ``strided``."""
-  if kernels.hand_paths() and _is_dnnl(
+  """Same signature and result as ``lax.conv_general_dilated``: on oneDNN where ``dnnl``
+  takes it, else depthwise ones as taps, 1x1 ones as ``pointwise``, other dense strided
+  ones as ``strided``, the rest as ``lax.conv_general_dilated``."""
+  if _is_dnnl(
       lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
       batch_group_count, precision, preferred_element_type):
     strides = tuple(int(s) for s in window_strides)
@@ -406,8 +399,6 @@ def _xla_paths(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
 
-  if not kernels.hand_paths():
-    return xla()
   if is_depthwise(lhs.shape, rhs.shape, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count, preferred_element_type):
     padding = explicit_padding(lhs.shape, rhs.shape, window_strides, padding)
@@ -431,9 +422,8 @@ def dnnl_xla_weight_grad(x, w, strides, padding):
   """A dense NHWC/HWIO float32 convolution (``dnnl.conv``'s arguments, ``groups`` 1) whose
   forward pass and input gradient are oneDNN's and whose weight gradient is XLA's: the
   weight gradient of ``_xla_paths`` (``pointwise``'s for 1x1, ``strided``'s for strided
-  ones, XLA's own for the rest). ``SDL_JAX_DNNL=xla_wgrad`` for every dense convolution,
-  ``xla_spatial_wgrad`` for those with a kernel larger than 1x1, ``xla_large_wgrad``
-  (``auto`` on an AVX2 CPU with oneDNN 3) for those of them with a large weight gradient
+  ones, XLA's own for the rest). Under ``xla_large_wgrad`` (``auto`` on an AVX2 CPU with
+  oneDNN 3) for dense convolutions larger than 1x1 with a large weight gradient
   (``dnnl.LARGE_WGRAD_MACS``): there oneDNN 3.2's brgemm kernels beat XLA's forward and
   backward-data convolutions in the train step, while its weight gradient (a JIT kernel)
   won for 1x1 and small kernels only."""
