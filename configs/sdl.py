@@ -99,9 +99,9 @@ def _base() -> ml_collections.ConfigDict:
   c.probe_learning_rate = 1e-2
   c.probe_flip = False       # also cache the mirrored images' features (2x the cost)
   c.probe_feature_dir = config_dict.placeholder(str)
-  # Reports also show the five extra LDL measures (sdl_jax.metrics.EXTRA_MEASURES:
-  # Euclidean, Sorensen, squared chi2, fidelity, Jensen-Shannon); results.json always
-  # holds them.
+  # The probe's report.md and sweep tables also show the five extra LDL measures
+  # (sdl_jax.metrics.EXTRA_MEASURES: Euclidean, Sorensen, squared chi2, fidelity,
+  # Jensen-Shannon); every results.json and metrics.jsonl holds them anyway.
   c.extra_measures = False
 
   # The new head's initial weights: 'random' (flax's initialiser), or 'probe': fitted by

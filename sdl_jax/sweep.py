@@ -159,7 +159,8 @@ def run_sweep(config, workdir: str, lams: Sequence[float], seeds: Sequence[int],
       (and not in the run names).
     methods: ``'finetune'`` and/or ``'probe'`` (sets ``config.probe``); default the
       config's.
-    extra_measures: also summarise ``metrics.EXTRA_MEASURES``.
+    extra_measures: also summarise ``metrics.EXTRA_MEASURES`` (so does
+      ``config.extra_measures``).
 
   Returns:
     the dict written to ``sweep.json``.
@@ -167,6 +168,7 @@ def run_sweep(config, workdir: str, lams: Sequence[float], seeds: Sequence[int],
   check_grid(lams, seeds, split_seeds)
   methods = list(methods or [config_method(config)])
   parse_methods(",".join(methods))
+  extra_measures = extra_measures or bool(config.get("extra_measures"))
   measures = SUMMARY_MEASURES + (metrics_lib.EXTRA_MEASURES if extra_measures else ())
   if train_fn is None:
     from sdl_jax import train  # pylint: disable=g-import-not-at-top

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -125,6 +126,26 @@ def test_training_entry_point_dispatches_to_the_probe(probe_runs, tmp_path):
   assert results["test"]["kl"] == pytest.approx(first["test"]["kl"], rel=1e-6)
   assert (tmp_path / "via_train" / "results.json").exists()
   assert not (tmp_path / "via_train" / "checkpoints").exists()
+
+
+def test_mirrored_features_are_added_beside_the_cached_ones(probe_runs, tmp_path):
+  _, _, workdir, config = probe_runs
+  config = config.copy_and_resolve_references()
+  feature_dir = tmp_path / "features"
+  feature_dir.mkdir()
+  for split in ("train", "validation", "test"):  # the centre crops, already computed
+    shutil.copy(os.path.join(workdir, "features", f"{split}.npz"), feature_dir)
+  config.probe_feature_dir = str(feature_dir)
+  config.probe_flip = True
+  results = probe.probe_and_evaluate(config, str(tmp_path / "flip"))
+  assert results["probe"]["mirrored"] is True
+  assert results["probe"]["feature_splits_computed"] == 3  # the mirrored ones only
+  with np.load(feature_dir / "test.npz") as centre, \
+       np.load(feature_dir / "test_mirrored.npz") as mirrored:
+    np.testing.assert_array_equal(centre["label"], mirrored["label"])
+    assert centre["features"].shape == mirrored["features"].shape
+    assert not np.allclose(centre["features"], mirrored["features"])
+  assert results["test"]["kl"] < results["baselines"]["uniform"]["kl"]
 
 
 def test_features_are_the_heads_input():
