@@ -265,6 +265,18 @@ def _fmt(name, v):
   return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def data_build_line(counts: dict) -> str:
+  """One markdown paragraph: label rows read, used and skipped (by reason)."""
+  skipped = sum(counts["skipped"].values())
+  reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["skipped"].items()))
+  text = (f"Data: {counts['rows_read']} label rows read, {counts['written']} used, "
+          f"{skipped} skipped" + (f" ({reasons})" if reasons else ""))
+  allowed = [k for k in ("allow_missing_images", "lenient") if counts.get(k)]
+  if allowed:
+    text += " with " + " and ".join(f"`data.{k}=True`" for k in allowed)
+  return text + "; see build_summary.json and build_log.jsonl."
+
+
 def write_report(workdir: str, results: dict) -> str:
   """Writes ``report.md``: the test table (model vs baselines) and how it was made."""
   arrows = {k: ("↑" if metrics_lib.HIGHER_IS_BETTER[k] else "↓") for k in REPORT_MEASURES}
@@ -294,6 +306,8 @@ def write_report(workdir: str, results: dict) -> str:
   if "oracle" in results["baselines"]:
     lines.append("The oracle floor is what the hidden distribution that generated the votes "
                  "scores against those votes: the best any model can expect.")
+  if results.get("data_build"):
+    lines += ["", data_build_line(results["data_build"])]
   text = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(text)
@@ -488,11 +502,18 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(one, tree)
 
 
-def _load_data(config):
+def _load_data(config, workdir: str):
+  """Prepares the data set, then creates ``workdir`` and copies the build's records into
+  it (process 0). The data comes first so that a failed build leaves no empty workdir."""
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import common  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  return data.get_builder(config.data)
+  builder = data.get_builder(config.data)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    common.copy_build_records(builder, workdir)
+  return builder
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
@@ -514,10 +535,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   _maybe_initialize_distributed(config)
   validate_config(config)
   workdir = workdir or default_workdir(config)
-  os.makedirs(workdir, exist_ok=True)
   from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  builder = _load_data(config)
+  builder = _load_data(config, workdir)
   num_classes = builder.info.features["label"].num_classes
   class_names = list(builder.info.features["label"].names)
   # Fails early, with a message naming the flag, if the batch does not divide.
@@ -635,8 +655,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     best_step, best_test = step, last_test
   writer.write(step, "test", best_test)
   baselines = compute_baselines(builder, "test")
+  from sdl_jax.data import common as data_common  # pylint: disable=g-import-not-at-top
   results = {
       "name": config.get("name"), "model": config.model, "data": builder.info.full_name,
+      "data_build": data_common.build_counts(builder),
       "lam": float(config.lam), "batch_size": int(config.batch_size),
       "num_train_steps": num_train_steps, "steps_per_epoch": steps_per_epoch,
       "start_step": start_step, "best_step": int(best_step),

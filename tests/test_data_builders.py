@@ -297,7 +297,8 @@ def test_flickr_ldl_build_with_bad_images_and_missing_rows(tmp_path):
   _image(os.path.join(root, "images", "999.jpg"))                # image without row
   _image(os.path.join(root, "images", "gray.jpg"), mode="L")     # image without row
   _write(os.path.join(root, "images", "notes.txt"), "hello")     # not an image
-  b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root), str(tmp_path / "c")))
+  b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
+                                     allow_missing_images=True), str(tmp_path / "c")))
   s = common.build_summary(b)
   _check_invariant(s)
   assert s["complete"] and s["rows_read"] == 48 and s["written"] == 46
@@ -358,6 +359,59 @@ def test_flickr_ldl_lenient_skips_bad_rows_and_counts_them(tmp_path):
   assert "image_without_row" not in s["notes"]
   bad = [e for e in common.build_log(b) if e["reason"] == "bad_row"]
   assert [e["origin"].rsplit(":", 1)[1] for e in bad] == ["26", "27", "28", "29"]
+
+
+def test_missing_images_stop_a_strict_build_naming_file_count_and_option(tmp_path):
+  root = _flickr(str(tmp_path / "F"), n=30)
+  for i in (3, 11, 12, 29):
+    os.remove(os.path.join(root, "images", f"{i}.jpg"))
+  cache = tmp_path / "c"
+  b = ldl.make_builder(_cfg(name="flickr_ldl", path=root), str(cache))
+  with pytest.raises(common.MissingImagesError) as e:
+    b.download_and_prepare()
+  msg = str(e.value)
+  assert os.path.join(root, "ground_truth.txt") in msg
+  assert "4 of 30 label rows" in msg
+  assert "first: '3.jpg', '11.jpg', '12.jpg', '29.jpg'" in msg
+  assert "--config.data.allow_missing_images=True" in msg
+  assert not b.is_prepared()
+
+
+def test_allowed_missing_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+  root = _flickr(str(tmp_path / "F"), n=30)
+  for i in (3, 11, 12, 29):
+    os.remove(os.path.join(root, "images", f"{i}.jpg"))
+  with caplog.at_level("WARNING"):
+    b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
+                                       allow_missing_images=True), str(tmp_path / "c")))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("4 of 30 label rows" in w and "allow_missing_images=True" in w
+             for w in warnings), warnings
+  assert any("30 label rows read, 26 written, 4 skipped {'no_image': 4}" in w
+             for w in warnings), warnings
+  s = common.build_summary(b)
+  _check_invariant(s)
+  assert s["splits"]["unassigned"]["skipped"] == {"no_image": 4}
+  assert s["options"]["allow_missing_images"] is True
+  assert common.build_counts(b) == {
+      "rows_read": 30, "written": 26, "skipped": {"no_image": 4}, "notes": {},
+      "written_per_split": {k: s["splits"][k]["written"] for k in common.SPLITS},
+      "lenient": False, "allow_missing_images": True}
+  assert sorted(e["name"] for e in common.build_log(b)) == [
+      "11.jpg", "12.jpg", "29.jpg", "3.jpg"]
+
+
+def test_lenient_skips_reach_a_warning_with_their_count(tmp_path, caplog):
+  root = _flickr(str(tmp_path / "F"), n=20, extra_rows="bad 1 2\r\nworse x 1 1 1 1 1 1 1\r\n")
+  with caplog.at_level("WARNING"):
+    b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root, lenient=True),
+                                  str(tmp_path / "c")))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("2 bad label rows skipped (config.data.lenient=True)" in w
+             for w in warnings), warnings
+  assert any("22 label rows read, 20 written, 2 skipped {'bad_row': 2}" in w
+             for w in warnings), warnings
+  assert common.build_summary(b)["splits"]["unassigned"]["skipped"] == {"bad_row": 2}
 
 
 def test_twitter_ldl_headerless_lf_file(tmp_path):
@@ -601,7 +655,13 @@ def test_votes_csv_header_in_any_order_and_quoted_paths(tmp_path):
   with pytest.raises(common.LabelFileError, match=r"votes.csv:22: negative count -5"):
     votes_csv.make_builder(_cfg(name="votes_csv", path=os.path.join(root, "votes.csv")),
                            str(tmp_path / "c")).download_and_prepare()
+  with pytest.raises(common.MissingImagesError, match=r"1 of 21 label rows of .*votes.csv "
+                     r"name no image file \(first: 'pics/gone.png'"):
+    votes_csv.make_builder(_cfg(name="votes_csv", lenient=True,
+                                path=os.path.join(root, "votes.csv")),
+                           str(tmp_path / "c")).download_and_prepare()
   b = _prepare(votes_csv.make_builder(_cfg(name="votes_csv", lenient=True,
+                                           allow_missing_images=True,
                                            path=os.path.join(root, "votes.csv")),
                                       str(tmp_path / "c")))
   assert b.taxonomy is MIKELS8
@@ -670,6 +730,11 @@ def test_copy_build_records(tmp_path):
   assert sorted(os.path.basename(p) for p in paths) == [
       "build_log.jsonl", "build_summary.json", "splits.json"]
   assert json.loads(open(paths[0]).read()) == common.build_summary(b)
+  from sdl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  drawn = synthetic.make_builder(_cfg(num_examples=40, seed=0, image_size=8),
+                                 str(tmp_path / "c2"))
+  assert not common.has_build_records(drawn) and common.build_counts(drawn) is None
+  assert common.copy_build_records(drawn, str(tmp_path / "work2")) == []
   with pytest.raises(FileNotFoundError, match="prepare the builder first"):
     common.build_summary(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
                                                split_seed=9), str(tmp_path / "c")))

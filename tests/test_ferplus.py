@@ -166,8 +166,13 @@ def test_small_ferplus_layout_both_protocols(tmp_path):
   open(p, "wb").write(data[:len(data) // 3])
   os.remove(os.path.join(root, "data", missing))
   _png(os.path.join(root, "data", "FER2013Test", "fer9999999.png"), 0)
+  with pytest.raises(common.MissingImagesError,
+                     match=rf"1 of \d+ label rows of .*FER2013Valid.label.csv name no "
+                     rf"image file \(first: '{missing}'.*allow_missing_images=True"):
+    ferplus.make_builder(_cfg(path=root), str(tmp_path / "c")).download_and_prepare()
   for protocol in ferplus.PROTOCOLS:
-    b = ferplus.make_builder(_cfg(path=root, protocol=protocol), str(tmp_path / "c"))
+    b = ferplus.make_builder(_cfg(path=root, protocol=protocol, allow_missing_images=True),
+                             str(tmp_path / "c"))
     b.download_and_prepare()
     s = common.build_summary(b)
     assert s["complete"] and s["notes"] == {"image_without_row": 1}

@@ -81,6 +81,13 @@ class ImageError(ValueError):
   """An image file that cannot be decoded; the message says why."""
 
 
+class MissingImagesError(LabelFileError):
+  """Label rows name image files that do not exist (and missing images are not allowed)."""
+
+
+ALLOW_MISSING_OPTION = "config.data.allow_missing_images"
+
+
 def hide_gpus_from_tf() -> None:
   """Keeps TensorFlow (used here only for data) off any GPU, which belongs to JAX."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -315,7 +322,39 @@ def read_value_rows(path: str, lines: Sequence[tuple[int, str]], *, sep: str,
                            f"{seen[name]}); every image must have exactly one row")
     seen[name] = line_no
     rows.append(Row(name, result, where))
+  bad = len(lines) - len(rows)
+  if bad:
+    logging.warning("%s: %d bad label rows skipped (config.data.lenient=True); they are "
+                    "listed in %s", path, bad, LOG_FILE)
   return rows
+
+
+def check_missing_images(missing: Sequence[tuple[str, str, str]], num_rows: int,
+                         allow: bool) -> None:
+  """Stops the build, or warns, when label rows name image files that do not exist.
+
+  Args:
+    missing: ``(name, origin 'file:line', path looked for)`` of each such row, in order.
+    num_rows: the good label rows looked at (for the message's "k of n").
+    allow: ``config.data.allow_missing_images``: warn (the rows are skipped as
+      ``no_image`` and logged) instead of raising.
+
+  Raises:
+    MissingImagesError: naming the label files, the count and the first names.
+  """
+  if not missing:
+    return
+  files = sorted({origin.rsplit(":", 1)[0] for _, origin, _ in missing})
+  first = ", ".join(repr(name) for name, _, _ in missing[:5])
+  what = (f"{len(missing)} of {num_rows} label rows of {', '.join(files)} name no image "
+          f"file (first: {first}; looked for {missing[0][2]})")
+  if not allow:
+    raise MissingImagesError(
+        f"{what}. Add the images (or set config.data.image_dir to their folder), or pass "
+        f"--{ALLOW_MISSING_OPTION}=True to skip those rows: they are then counted in "
+        f"{SUMMARY_FILE}, listed in {LOG_FILE} and reported in report.md")
+  logging.warning("%s: skipped (%s=True); they are listed in %s", what,
+                  ALLOW_MISSING_OPTION, LOG_FILE)
 
 
 def bad_row_names(log: "BuildLog", split: str) -> set[str]:
@@ -485,12 +524,37 @@ def split_assignment(builder) -> dict[str, list[str]]:
   return json.loads(_read_record(builder, SPLITS_FILE))
 
 
+def has_build_records(builder) -> bool:
+  """Whether ``builder`` writes build records (this package's ``SourceBuilder`` does; the
+  built-in synthetic set, whose rows are drawn rather than read, does not)."""
+  return bool(getattr(builder, "WRITES_BUILD_RECORDS", False))
+
+
+def build_counts(builder) -> dict[str, Any] | None:
+  """What a report says about the data: label rows read, used (written) and skipped by
+  reason, with the options that allow skipping; ``None`` for a builder without records.
+  """
+  if not has_build_records(builder):
+    return None
+  s = build_summary(builder)
+  options = s.get("options", {})
+  return {"rows_read": s["rows_read"], "written": s["written"],
+          "skipped": dict(s["skipped"]), "notes": dict(s.get("notes", {})),
+          "written_per_split": {k: s["splits"][k]["written"] for k in SPLITS
+                                if k in s["splits"]},
+          "lenient": bool(options.get("lenient", False)),
+          "allow_missing_images": bool(options.get("allow_missing_images", False))}
+
+
 def copy_build_records(builder, workdir: str) -> list[str]:
   """Copies ``build_summary.json``, ``build_log.jsonl`` and ``splits.json`` to ``workdir``.
 
-  Returns the paths written (``workdir`` may be any path ``etils.epath`` can write).
+  Returns the paths written (``workdir`` may be any path ``etils.epath`` can write); none
+  for a builder without records (``has_build_records``).
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
+  if not has_build_records(builder):
+    return []
   out_dir = epath.Path(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
   written = []
@@ -659,13 +723,16 @@ class Example:
 
 def assign_splits(candidates: Sequence[Candidate], log: BuildLog, *, seed: int,
                   fractions: Sequence[float], split_file=None,
-                  pre_assigned: dict[str, str] | None = None
+                  pre_assigned: dict[str, str] | None = None,
+                  allow_missing_images: bool = False
                   ) -> tuple[dict[str, list[Example]], dict[str, Any]]:
   """Puts good rows into splits: by ``pre_assigned``, by ``split_file`` or seeded.
 
-  Rows whose image file is missing are skipped (``no_image``): in their split when the
-  split is given, else under ``'unassigned'`` before the seeded split is drawn (so the
-  split never depends on which images happen to be readable beyond existence).
+  Rows whose image file is missing stop the build (``MissingImagesError``, see
+  ``check_missing_images``) unless ``allow_missing_images``; then they are skipped
+  (``no_image``): in their split when the split is given, else under ``'unassigned'``
+  before the seeded split is drawn (so the split never depends on which images happen to
+  be readable beyond existence).
 
   Args:
     candidates: good rows.
@@ -715,7 +782,7 @@ def assign_splits(candidates: Sequence[Candidate], log: BuildLog, *, seed: int,
                           "none was given")
 
   examples: dict[str, list[Example]] = {s: [] for s in SPLITS}
-  present = []
+  present, missing = [], []
   for c in sorted(candidates, key=lambda c: c.name):
     split = assigned.get(c.name)
     if split is None and info["method"] != "stratified":
@@ -727,8 +794,12 @@ def assign_splits(candidates: Sequence[Candidate], log: BuildLog, *, seed: int,
       where = split or UNASSIGNED
       log.read(where)
       log.skip(where, NO_IMAGE, c.name, f"no image file {c.path}", c.origin)
+      missing.append((c.name, c.origin, c.path))
       continue
     present.append((c, split))
+  file_order = {c.name: i for i, c in enumerate(candidates)}
+  missing.sort(key=lambda m: file_order[m[0]])  # Name them as the label file does.
+  check_missing_images(missing, len(candidates), allow_missing_images)
   if info["method"] == "stratified":
     chosen = stratified_split([c.name for c, _ in present],
                               [c.label for c, _ in present], seed, fractions)
@@ -821,6 +892,7 @@ class SourceBuilder(_tfds().core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   VERSION = _tfds().core.Version("1.0.0")
+  WRITES_BUILD_RECORDS = True
   RELEASE_NOTES = {"1.0.0": "First release."}
   DESCRIPTION = ""
   HOMEPAGE = ""
@@ -937,9 +1009,13 @@ class SourceBuilder(_tfds().core.GeneratorBasedBuilder, skip_registration=True):
     (out / SPLITS_FILE).write_text(
         json.dumps({s: sorted(names.get(s, [])) for s in SPLITS}, indent=0) + "\n")
     if summary["complete"]:
-      logging.info("%s/%s built: %d rows read, %d written, skipped %s, notes %s",
-                   self.name, self.builder_config.name, summary["rows_read"],
-                   summary["written"], summary["skipped"], summary["notes"])
+      # Skipped rows (missing images, bad rows of a lenient build, rows a protocol leaves
+      # out) change what the model sees: they are a warning, with the count.
+      log_fn = logging.warning if summary["skipped"] else logging.info
+      log_fn("%s/%s built: %d label rows read, %d written, %d skipped %s, notes %s; "
+             "see %s", self.name, self.builder_config.name, summary["rows_read"],
+             summary["written"], sum(summary["skipped"].values()), summary["skipped"],
+             summary["notes"], SUMMARY_FILE)
 
 
 def note_unlisted_images(log: BuildLog, image_root: str, row_names: Iterable[str],
@@ -962,6 +1038,11 @@ def note_unlisted_images(log: BuildLog, image_root: str, row_names: Iterable[str
           "non_image_files": len(others)}
 
 
+def allow_missing_images(data_config) -> bool:
+  """``config.data.allow_missing_images`` (default False: a missing image is an error)."""
+  return bool(data_config.get("allow_missing_images", False))
+
+
 def split_options(data_config) -> dict[str, Any]:
   """Split and strictness options shared by the builders without official splits.
 
@@ -969,7 +1050,7 @@ def split_options(data_config) -> dict[str, Any]:
   (train, validation, test; default 0.8, 0.05, 0.15), ``split_file`` (optional: a path,
   a mapping ``{split: path}``, or the same as a string
   ``'train=folds/train_1.txt,test=folds/test_1.txt'``; see ``read_split_file``),
-  ``lenient`` (default False).
+  ``lenient`` (default False), ``allow_missing_images`` (default False).
   Split files enter the cache key with their size and modification time.
   """
   split_file = data_config.get("split_file", None) or None
@@ -996,7 +1077,8 @@ def split_options(data_config) -> dict[str, Any]:
     raise ValueError(f"config.data.split_seed must be an integer, got {seed!r}")
   return {"split_seed": int(seed), "split_fractions": list(config_fractions(data_config)),
           "split_file": split_file, "split_file_fingerprint": stat_fingerprint(files),
-          "lenient": bool(data_config.get("lenient", False))}
+          "lenient": bool(data_config.get("lenient", False)),
+          "allow_missing_images": allow_missing_images(data_config)}
 
 
 def split_prefix(options: dict[str, Any]) -> str:

@@ -37,7 +37,8 @@ columns as in the file. The image is the 48x48 grey PNG (one channel). ``file_na
 
 Config fields (``config.data``): ``path``; ``protocol`` ('majority' | 'distribution',
 default 'majority'); ``lenient`` (default False: a bad label row is an error naming file
-and line; True: it is skipped and logged).
+and line; True: it is skipped and logged); ``allow_missing_images`` (default False: a
+kept row whose image file is missing is an error; True: it is skipped and logged).
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ class Ferplus(common.SourceBuilder, skip_registration=True):
     examples: dict[str, list[common.Example]] = {s: [] for s in common.SPLITS}
     info: dict[str, Any] = {"source": files.root or files.path, "split_method": "official",
                             "images": {}}
+    missing, num_kept = [], 0
     for split, folder in SPLIT_DIRS.items():
       label_rel = f"{folder}/label.csv"
       label_file = files.where(label_rel)
@@ -268,9 +270,11 @@ class Ferplus(common.SourceBuilder, skip_registration=True):
                    f"votes {row.values.astype(int).tolist()} ({protocol} protocol)",
                    row.origin)
           continue
+        num_kept += 1
         if not files.exists(name):
           log.skip(split, common.NO_IMAGE, name, f"no image file {files.where(name)}",
                    row.origin)
+          missing.append((name, row.origin, files.where(name)))
           continue
         examples[split].append(common.Example(
             name, files.key(name), int(labels[i]), dists[i],
@@ -289,6 +293,7 @@ class Ferplus(common.SourceBuilder, skip_registration=True):
       info["images"][split] = {"images_found": len(images),
                                "images_without_row": len(unlisted),
                                "non_image_files": len(others)}
+    common.check_missing_images(missing, num_kept, self._options["allow_missing_images"])
     return common.Plan(examples, log, info, files.blobs)
 
 
@@ -308,6 +313,7 @@ def make_builder(data_config, data_dir: str | None = None) -> Ferplus:
     data_dir = default_data_dir()
   options = {"path": path, "protocol": protocol,
              "lenient": bool(data_config.get("lenient", False)),
+             "allow_missing_images": common.allow_missing_images(data_config),
              "fingerprint": source_fingerprint(path)}
   return Ferplus(options=options, taxonomy=FERPLUS, num_votes=len(VOTE_COLUMNS),
                  channels=1, prefix=protocol, data_dir=data_dir)

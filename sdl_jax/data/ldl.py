@@ -27,7 +27,10 @@ Splits: the seeded 80/5/15 split stratified by dominant label of the paper's pro
 Config fields (``config.data``): ``path`` (the data set's directory, or its label file);
 ``label_file`` (default ``ground_truth.txt`` in ``path``); ``image_dir`` (default:
 found, see ``common.find_image_root``); ``split_seed``, ``split_fractions``,
-``split_file``, ``lenient`` (see ``common.split_options``).
+``split_file``, ``lenient``, ``allow_missing_images`` (see ``common.split_options``): a
+row whose image file does not exist stops the build with an error naming the label file,
+the count and the first names, unless ``allow_missing_images`` (then such rows are skipped,
+counted and logged at WARNING).
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ class _LdlBuilder(common.SourceBuilder, skip_registration=True):
           origin=row.origin, path=os.path.join(root, row.name)))
     examples, split_info = common.assign_splits(
         candidates, log, seed=opts["split_seed"], fractions=opts["split_fractions"],
-        split_file=opts["split_file"])
+        split_file=opts["split_file"],
+        allow_missing_images=opts["allow_missing_images"])
     info: dict[str, Any] = {"label_file": label_file, "image_root": root,
                             "split": split_info}
     info["images"] = common.note_unlisted_images(

@@ -24,7 +24,8 @@ written.
 
 Config fields (``config.data``): ``path``; ``taxonomy`` (optional, see above);
 ``image_dir``; ``channels`` (3, or 1 for grey images); ``split_seed``,
-``split_fractions``, ``split_file``, ``lenient`` (see ``common.split_options``).
+``split_fractions``, ``split_file``, ``lenient``, ``allow_missing_images`` (see
+``common.split_options``; a row naming a missing image is an error unless the latter).
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class VotesCsv(common.SourceBuilder, skip_registration=True):
           pre_assigned[row.name] = split
     examples, split_info = common.assign_splits(
         candidates, log, seed=opts["split_seed"], fractions=opts["split_fractions"],
-        split_file=opts["split_file"], pre_assigned=pre_assigned)
+        split_file=opts["split_file"],
+        allow_missing_images=opts["allow_missing_images"], pre_assigned=pre_assigned)
     info: dict[str, Any] = {"label_files": files, "split": split_info, "images": {}}
     named = set(seen) | common.bad_row_names(log, common.UNASSIGNED)
     for split in common.SPLITS:
