@@ -506,13 +506,13 @@ def _load_data(config, workdir: str):
   """Prepares the data set, then creates ``workdir`` and copies the build's records into
   it (process 0). The data comes first so that a failed build leaves no empty workdir."""
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
-  from sdl_jax.data import common  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   builder = data.get_builder(config.data)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    common.copy_build_records(builder, workdir)
+    buildlog.copy_build_records(builder, workdir)
   return builder
 
 
@@ -655,10 +655,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     best_step, best_test = step, last_test
   writer.write(step, "test", best_test)
   baselines = compute_baselines(builder, "test")
-  from sdl_jax.data import common as data_common  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   results = {
       "name": config.get("name"), "model": config.model, "data": builder.info.full_name,
-      "data_build": data_common.build_counts(builder),
+      "data_build": buildlog.build_counts(builder),
       "lam": float(config.lam), "batch_size": int(config.batch_size),
       "num_train_steps": num_train_steps, "steps_per_epoch": steps_per_epoch,
       "start_step": start_step, "best_step": int(best_step),

@@ -2,7 +2,6 @@
 with a warning, and the training workdir and report.md say how many rows were used."""
 
 import json
-import os
 from pathlib import Path
 import sys
 import tarfile
@@ -13,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sdl_jax import train
-from sdl_jax.data import common, ldl
+from sdl_jax.data import buildlog, image_files, ldl
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,7 +58,7 @@ def _config(path, cache_dir, **data):
 def test_a_failed_build_leaves_no_workdir(tmp_path):
   root = _flickr(tmp_path / "Flickr_LDL", 24, without_image={2, 5})
   workdir = tmp_path / "runs" / "w"
-  with pytest.raises(common.MissingImagesError, match=r"2 of 24 label rows .*'2.jpg', "
+  with pytest.raises(image_files.MissingImagesError, match=r"2 of 24 label rows .*'2.jpg', "
                      r"'5.jpg'.*--config.data.allow_missing_images=True"):
     train.train_and_evaluate(_config(root, tmp_path / "c"), str(workdir))
   assert not workdir.exists()
@@ -93,7 +92,7 @@ def test_shared_flickr_ldl_needs_the_option_and_then_uses_its_2100_images(tmp_pa
     tar.extractall(tmp_path, filter="data")
   root = tmp_path / "Flickr_LDL"
   cfg = ml_collections.ConfigDict({"name": "flickr_ldl", "path": str(root)})
-  with pytest.raises(common.MissingImagesError) as e:
+  with pytest.raises(image_files.MissingImagesError) as e:
     ldl.make_builder(cfg, str(tmp_path / "c")).download_and_prepare()
   msg = str(e.value)
   assert "9050 of 11150 label rows" in msg and "ground_truth.txt" in msg
@@ -101,7 +100,7 @@ def test_shared_flickr_ldl_needs_the_option_and_then_uses_its_2100_images(tmp_pa
   cfg.allow_missing_images = True
   b = ldl.make_builder(cfg, str(tmp_path / "c"))
   b.download_and_prepare()
-  counts = common.build_counts(b)
+  counts = buildlog.build_counts(b)
   assert counts["rows_read"] == 11150 and counts["written"] == 2100
   assert counts["skipped"] == {"no_image": 9050}
-  assert sum(b.info.splits[s].num_examples for s in common.SPLITS) == 2100
+  assert sum(b.info.splits[s].num_examples for s in buildlog.SPLITS) == 2100
