@@ -23,7 +23,6 @@ The measures are means over the split's images of the per-image measures of
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -259,10 +258,10 @@ def rank_by_kl(probs, distributions, k: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _decode_for_display(encoded: bytes) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(io.BytesIO(encoded)) as im:
-    return np.asarray(im.convert("L") if im.mode in ("L", "LA", "I", "I;16") else
-                      im.convert("RGB"))
+  """uint8 ``[H, W]`` (grey) or ``[H, W, 3]``, exactly as the data set stores it."""
+  from sdl_jax.data import image_files  # pylint: disable=g-import-not-at-top
+  image = image_files.decode_image(encoded)
+  return image[..., 0] if image.shape[-1] == 1 else image
 
 
 def _gallery(builder, split, indices, pred, true, kl, names, path, title):

@@ -1,5 +1,5 @@
-"""Image files: listing them, finding their folder, checking that each decodes, and the
-rows whose image is missing.
+"""Image files: listing them, finding their folder, decoding them exactly, and the rows
+whose image is missing.
 
 A label row whose image file does not exist stops the build (``MissingImagesError``)
 unless ``config.data.allow_missing_images``; an image that does not decode is skipped as
@@ -13,6 +13,7 @@ import os
 from typing import Iterable, Sequence
 
 from absl import logging
+import numpy as np
 
 from sdl_jax.data.buildlog import (BuildLog, IMAGE_WITHOUT_ROW, LOG_FILE, NON_IMAGE_FILE,
                                    SUMMARY_FILE)
@@ -51,16 +52,133 @@ def list_images(root: str, exclude_dirs: Iterable[str] = ()) -> tuple[list[str],
   return sorted(images), sorted(others)
 
 
-# PIL modes TensorFlow's decoders handle as they are; anything else is re-encoded as PNG.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXIF_ORIENTATION = 0x0112
+
+# PIL modes whose files TensorFlow's decoders read as they are (8-bit samples); any other
+# file, a 16-bit PNG, or one with an EXIF orientation is decoded by ``decode_image``.
 _KEEP = {"JPEG": {"L", "RGB"}, "PNG": {"L", "LA", "RGB", "RGBA", "P"}}
+# 16-bit grey (PIL keeps every bit of these); 'I' is how older PIL opens 16-bit PNGs.
+_GREY_16 = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# 8-bit modes PIL converts without loss of what is shown (palette expanded, 1-bit to 0/255).
+_CONVERT = {"1": "L", "P": "RGBA", "PA": "RGBA", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB",
+            "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+# How an EXIF orientation is undone on an [H, W, C] array (as PIL's ImageOps.exif_transpose).
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1),
+           7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: np.rot90(a, 1)}
+
+
+def hide_gpus_from_tf() -> None:
+  """Keeps TensorFlow (used here only for data) off any GPU, which belongs to JAX."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):  # Already initialised; nothing to do then.
+    pass
+
+
+def to_uint8(samples, bits: int) -> np.ndarray:
+  """The nearest 8-bit level of unsigned ``bits``-bit samples: ``round(v * 255 / m)``,
+  ``m = 2**bits - 1``, halves up, in exact integer arithmetic ``(510 v + m) // (2 m)``.
+
+  Args:
+    samples: integer array, values in ``[0, m]``.
+    bits: bits per sample (16 for 16-bit images).
+
+  Returns:
+    uint8 array of the same shape.
+  """
+  m = (1 << bits) - 1
+  v = np.asarray(samples, np.int64)
+  return ((510 * v + m) // (2 * m)).astype(np.uint8)
+
+
+def png_bit_depth(data: bytes) -> int | None:
+  """Bits per sample of a PNG (its IHDR chunk's bit depth); ``None`` for other data."""
+  if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 24:
+    return data[24]
+  return None
+
+
+def _samples(im, data: bytes) -> np.ndarray:
+  """The stored samples of an opened (loaded) PIL image as uint8 ``[H, W, 1|2|3|4]``."""
+  if png_bit_depth(data) == 16:
+    # PIL keeps only the high byte of 16-bit colour PNGs; TensorFlow reads all 16 bits.
+    hide_gpus_from_tf()
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return to_uint8(tf.io.decode_png(data, channels=0, dtype=tf.uint16).numpy(), 16)
+  mode = im.mode
+  if mode in _GREY_16:
+    a = np.asarray(im)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+      raise ImageError(f"mode {mode!r} samples outside 0..65535: not a 16-bit image")
+    return to_uint8(a, 16)[..., None]
+  if mode in _CONVERT:
+    im = im.convert(_CONVERT[mode])
+  if im.mode not in ("L", "LA", "RGB", "RGBA"):
+    raise ImageError(f"image mode {mode!r} ({im.format}) is not supported; convert the "
+                     "file to 8- or 16-bit grey or RGB")
+  a = np.asarray(im)
+  return a[..., None] if a.ndim == 2 else a
+
+
+def _orientation(im) -> int:
+  """The EXIF orientation (1..8; 1 when absent or invalid)."""
+  value = im.getexif().get(EXIF_ORIENTATION, 1)
+  return value if value in _ORIENT else 1
+
+
+def _open_checked(data: bytes):
+  """``PIL.Image`` of ``data``, fully decoded (truncated or corrupt data raises)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not data:
+    raise ImageError("empty file")
+  im = Image.open(io.BytesIO(data))
+  im.load()
+  if im.width < 1 or im.height < 1:
+    raise ImageError(f"image has size {im.size}")
+  return im
+
+
+def _pil_errors(fn):
+  """Runs ``fn`` turning PIL's many exception types into ``ImageError`` with the reason."""
+  try:
+    return fn()
+  except ImageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
+    raise ImageError(f"{type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """An encoded image as it is shown: uint8 ``[H, W, 1]`` (grey) or ``[H, W, 3]``.
+
+  Exact for every format PIL reads: 8-bit samples as stored; 16-bit samples (PNG, TIFF)
+  to the nearest 8-bit level (``to_uint8``); palettes expanded; 1-bit to 0/255; alpha
+  dropped (the colour samples are kept as stored, as TensorFlow's decoders do); the EXIF
+  orientation applied (a photo taken upright is upright).
+
+  Raises:
+    ImageError: empty, truncated or corrupt data, or an unsupported mode (e.g. 32-bit
+      float), naming the reason.
+  """
+  def run():
+    with _open_checked(data) as im:
+      a = _ORIENT.get(_orientation(im), lambda x: x)(_samples(im, data))
+    return np.ascontiguousarray(a[..., :1] if a.shape[-1] <= 2 else a[..., :3])
+  return _pil_errors(run)
 
 
 def encode_image_bytes(data: bytes, channels: int) -> tuple[bytes, bool]:
   """Fully decodes an encoded image; returns bytes for ``tfds.features.Image``.
 
-  JPEG and PNG files in modes TensorFlow decodes are kept byte for byte; other files
-  (GIF, BMP, TIFF, WebP, CMYK JPEG, 16-bit or 1-bit images, ...) are re-encoded as PNG in
-  ``'L'`` (``channels == 1``) or ``'RGB'`` mode, at their original size.
+  JPEG and PNG files that TensorFlow's decoders read exactly (8-bit modes, no EXIF
+  orientation) are kept byte for byte. Other files (GIF, BMP, TIFF, WebP, CMYK JPEG,
+  16-bit or 1-bit images, rotated photos, ...) are decoded by ``decode_image`` and
+  re-encoded as PNG at their (oriented) size: grey, or RGB (``channels == 3``) / grey by
+  PIL's ITU-R 601-2 luma (``channels == 1``).
 
   Returns:
     ``(encoded bytes, re-encoded?)``.
@@ -69,25 +187,21 @@ def encode_image_bytes(data: bytes, channels: int) -> tuple[bytes, bool]:
     ImageError: the data is truncated, empty or not an image.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  if not data:
-    raise ImageError("empty file")
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      fmt, mode = im.format, im.mode
-      im.load()  # Full decode: raises on truncated or corrupt data.
-      if im.width < 1 or im.height < 1:
-        raise ImageError(f"image has size {im.size}")
-      if mode in _KEEP.get(fmt, ()):
-        return data, False
-      target = "L" if channels == 1 else "RGB"
-      out = io.BytesIO()
-      im.convert(target).save(out, format="PNG")
-      return out.getvalue(), True
-  except ImageError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError...)
-    raise ImageError(f"{type(e).__name__}: {e}") from None
+
+  def keep() -> bool:
+    with _open_checked(data) as im:
+      return (im.mode in _KEEP.get(im.format, ()) and png_bit_depth(data) != 16
+              and _orientation(im) == 1)
+
+  if _pil_errors(keep):
+    return data, False
+  a = decode_image(data)
+  im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+  if channels == 1 and im.mode == "RGB":
+    im = im.convert("L")
+  out = io.BytesIO()
+  im.save(out, format="PNG")
+  return out.getvalue(), True
 
 
 def encode_image(path: str, channels: int) -> tuple[bytes, bool]:

@@ -30,17 +30,9 @@ import numpy as np
 
 from sdl_jax.data.buildlog import (BuildLog, LOG_FILE, REENCODED, SPLITS, SPLITS_FILE,
                                    SUMMARY_FILE, UNASSIGNED, UNREADABLE_IMAGE)
-from sdl_jax.data.image_files import ImageError, encode_image, encode_image_bytes
+from sdl_jax.data.image_files import (ImageError, encode_image, encode_image_bytes,
+                                      hide_gpus_from_tf)
 from sdl_jax.emotions import Taxonomy
-
-
-def hide_gpus_from_tf() -> None:
-  """Keeps TensorFlow (used here only for data) off any GPU, which belongs to JAX."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except (RuntimeError, ValueError):  # Already initialised; nothing to do then.
-    pass
 
 
 def require_path(data_config) -> str:
@@ -161,9 +153,12 @@ class SourceBuilder(_tfds().core.GeneratorBasedBuilder, skip_registration=True):
   ``download_and_prepare`` is not used (``get_builder`` passes the same path).
   """
 
-  VERSION = _tfds().core.Version("1.0.0")
+  VERSION = _tfds().core.Version("1.1.0")
   WRITES_BUILD_RECORDS = True
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "16-bit images scaled to the nearest 8-bit level (were clipped), "
+                            "EXIF orientation applied, palettes and alpha as TensorFlow "
+                            "decodes them."}
   DESCRIPTION = ""
   HOMEPAGE = ""
   CITATION = ""
