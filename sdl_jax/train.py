@@ -27,7 +27,11 @@ The workdir (written by process 0; checkpoints by all processes through orbax)::
     checkpoints/<step>/    the latest config.keep_checkpoints checkpoints (orbax)
     checkpoints_best/<step>/, best.json   the best on config.best_metric (validation)
     results.json, report.md   final test metrics of the best checkpoint (and of the last
-                           step) next to the baselines
+                           step) next to the baselines, and the data's row counts
+    build_summary.json, build_log.jsonl, splits.json   the data build's records: label
+                           rows read, written and skipped by reason; each skipped row;
+                           the split used (copied from the prepared data set; none for
+                           the built-in synthetic set)
 
 Running the same command again resumes from the latest checkpoint ("resuming from step
 N") and ends with the same parameters as a run that went straight through: the data
