@@ -166,6 +166,10 @@ def _base() -> ml_collections.ConfigDict:
   d.sigma = 1.0              # = sdl_jax.distributions.DEFAULT_SIGMA
   d.eps = 0.1                # = sdl_jax.distributions.DEFAULT_EPS
   d.lenient = False          # skip bad label rows (logged, counted) instead of failing
+  # Label rows whose image file is missing stop the build (an error naming the label
+  # file, the count and the first names); True skips them instead, with a WARNING and
+  # their count in build_summary.json and report.md (e.g. a partial copy of a data set).
+  d.allow_missing_images = False
   # Where the images are, when not beside the label file (votes_csv, LDL sets; absolute
   # or relative to data.path), and the LDL sets' label file if not ground_truth.txt.
   d.image_dir = config_dict.placeholder(str)

@@ -11,7 +11,8 @@ masked, data-parallel over the local devices) and writes into ``W``:
   for every image; ``train_mean``: the training split's mean distribution for every
   image) and, for the synthetic set, of the ``oracle``; the per-emotion table; the
   confusion matrix; the best and worst images by KL; the figure files;
-* ``report.md``: the same as markdown, with the figures;
+* ``report.md``: the training run's test table (if any), this evaluation with its
+  figures, and the data's row counts (``sdl_jax.report.write_report``);
 * ``figures/confusion_matrix.png``, ``figures/best_by_kl.png``,
   ``figures/worst_by_kl.png`` (test images with their true and predicted distributions).
 
@@ -22,7 +23,6 @@ The measures are means over the split's images of the per-image measures of
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -117,9 +117,10 @@ def read_run_info(workdir: str) -> dict:
 def restore(config, workdir: str, which: str = "best"):
   """The ``which`` checkpoint's TrainState (host arrays) and the kind actually restored.
 
-  Like ``train.restore_state``, but the restore target is abstract
-  (``jax.eval_shape`` of ``train.create_train_state``): nothing is initialised or
-  compiled, which on a CPU saves the compilation of ``model.init`` (a minute for some
+  The one way to restore a workdir's state (evaluation, prediction, tests). Needs no data
+  set: the number of classes and steps come from ``workdir/run.json``. The restore target
+  is abstract (``jax.eval_shape`` of ``train.create_train_state``): nothing is initialised
+  or compiled, which on a CPU saves the compilation of ``model.init`` (a minute for some
   models). ``'best'`` falls back to ``'latest'`` when validation never ran.
 
   Returns:
@@ -257,10 +258,10 @@ def rank_by_kl(probs, distributions, k: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _decode_for_display(encoded: bytes) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(io.BytesIO(encoded)) as im:
-    return np.asarray(im.convert("L") if im.mode in ("L", "LA", "I", "I;16") else
-                      im.convert("RGB"))
+  """uint8 ``[H, W]`` (grey) or ``[H, W, 3]``, exactly as the data set stores it."""
+  from sdl_jax.data import image_files  # pylint: disable=g-import-not-at-top
+  image = image_files.decode_image(encoded)
+  return image[..., 0] if image.shape[-1] == 1 else image
 
 
 def _gallery(builder, split, indices, pred, true, kl, names, path, title):
@@ -309,6 +310,7 @@ def evaluate_workdir(workdir: str, config=None, split: str = "test", which: str 
   """
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
   from sdl_jax import train  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
@@ -350,6 +352,7 @@ def evaluate_workdir(workdir: str, config=None, split: str = "test", which: str 
       "checkpoint": {"which": trained.which, "step": trained.step},
       "eval_flip": bool(trained.config.get("eval_flip", False)),
       "data": builder.info.full_name,
+      "data_build": buildlog.build_counts(builder),
       "command": command,
       "model": model_measures(probs, labels, dists),
       "baselines": baselines,
@@ -360,28 +363,26 @@ def evaluate_workdir(workdir: str, config=None, split: str = "test", which: str 
       "figures": {k: os.path.relpath(v, workdir) for k, v in figures.items()},
   }
   if jax.process_index() == 0:
-    results_path = os.path.join(workdir, "results.json")
-    results = {}
-    if os.path.exists(results_path):
-      with open(results_path) as f:
-        results = json.load(f)
-    results["evaluation"] = evaluation
-    tmp = results_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(tmp, results_path)
-    md = report.evaluation_markdown(dict(evaluation, training=_training_facts(results)),
-                                    evaluation["figures"])
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-      f.write(md)
-    logging.info("evaluation written to %s/report.md and results.json", workdir)
+    save_evaluation(workdir, evaluation)
   return evaluation
 
 
-def _training_facts(results: dict) -> dict:
-  keys = ("name", "model", "data", "lam", "batch_size", "num_train_steps", "best_step",
-          "best_metric")
-  return {k: results[k] for k in keys if k in results}
+def save_evaluation(workdir: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+  """Adds ``evaluation`` to ``workdir/results.json`` (kept with the training run's results)
+  and rewrites ``report.md`` from the whole; returns the results written."""
+  results_path = os.path.join(workdir, "results.json")
+  results = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+  results["evaluation"] = evaluation
+  tmp = results_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(tmp, results_path)
+  report.write_report(workdir, results)
+  logging.info("evaluation written to %s/report.md and results.json", workdir)
+  return results
 
 
 def _command_line() -> str:

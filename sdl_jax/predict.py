@@ -13,8 +13,8 @@ writes one JSON line per image, in the order given (a folder's images sorted by 
 A path that is missing, or a file that is not a readable image, gets an error line
 ``{"file": ..., "error": "..."}`` instead; the other images are still predicted, and the
 exit status is 1 when any failed. A folder contributes the files under it (recursively)
-whose extension is an image extension (``sdl_jax.data.common.IMAGE_EXTENSIONS``); a file
-named explicitly is always tried, whatever its extension.
+whose extension is an image extension (``sdl_jax.data.image_files.IMAGE_EXTENSIONS``); a
+file named explicitly is always tried, whatever its extension.
 
 From Python::
 
@@ -25,8 +25,10 @@ From Python::
 
 Preprocessing is exactly the evaluation path of the training pipeline
 (``sdl_jax.data.pipeline``): the file is read as the data set builders read it
-(``common.encode_image``: fully decoded and checked; formats TensorFlow cannot decode are
-re-encoded losslessly as PNG), decoded to three channels (grey replicated, alpha dropped),
+(``image_files.encode_image``: fully decoded and checked; what TensorFlow cannot decode
+exactly, such as 16-bit images or photos with an EXIF orientation, is decoded by
+``image_files.decode_image`` and re-encoded losslessly as PNG), decoded to three channels
+(grey replicated, alpha dropped),
 squash-resized to ``config.resize_size``, centre-cropped to ``config.image_size`` and
 normalised with the backbone's mean and std. Images of any size are accepted.
 """
@@ -41,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from sdl_jax.data import common
+from sdl_jax.data import image_files
 
 DEFAULT_BATCH = 64
 
@@ -63,9 +65,10 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str | 
     if not p:
       continue
     if os.path.isdir(p):
-      images, _ = common.list_images(p)
+      images, _ = image_files.list_images(p)
       if not images:
-        out.append((p, f"folder has no image files ({', '.join(common.IMAGE_EXTENSIONS)})"))
+        out.append((p, "folder has no image files "
+                    f"({', '.join(image_files.IMAGE_EXTENSIONS)})"))
       out.extend((os.path.join(p, *name.split("/")), None) for name in images)
     elif os.path.exists(p):
       out.append((p, None))
@@ -78,9 +81,9 @@ def read_image_file(path: str) -> bytes:
   """Encoded bytes of ``path`` that the pipeline's decoder reads (see module docstring).
 
   Raises:
-    common.ImageError: the file is unreadable, empty, truncated or not an image.
+    image_files.ImageError: the file is unreadable, empty, truncated or not an image.
   """
-  data, _ = common.encode_image(path, channels=3)
+  data, _ = image_files.encode_image(path, channels=3)
   return data
 
 
@@ -261,7 +264,7 @@ class Predictor:
         if error is None:
           try:
             data = encode_array(src) if isinstance(src, np.ndarray) else read_image_file(src)
-          except (common.ImageError, ValueError) as e:
+          except (image_files.ImageError, ValueError) as e:
             error = _describe(e)
           else:
             where.append(len(rows))

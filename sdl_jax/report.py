@@ -193,6 +193,90 @@ def evaluation_markdown(results: Mapping[str, Any], figures: Mapping[str, str]) 
   return "".join(out)
 
 
+def training_markdown(results: Mapping[str, Any]) -> str:
+  """The test table of a finished training run: the best and the last checkpoint next to
+  the baselines, and how the run was made.
+
+  Args:
+    results: as written to ``results.json`` by ``sdl_jax.train`` (keys ``name``,
+      ``test``, ``test_last``, ``baselines``, ``best_metric``, ``best_step``,
+      ``num_train_steps``, ``model``, ``lam``, ``batch_size``, ``devices``,
+      ``processes``, ``wall_time_s``, ``start_step``).
+  """
+  named = {f"model, best validation {results['best_metric']} (step {results['best_step']})":
+           results["test"],
+           f"model, last step ({results['num_train_steps']})": results["test_last"]}
+  baselines = results["baselines"]
+  for key, title in (("oracle", "oracle floor (predict the oracle)"),
+                     ("train_mean", "training set's mean distribution"),
+                     ("uniform", "uniform distribution")):
+    if key in baselines:
+      named[title] = baselines[key]
+  out = [f"# {results['name']}: test split ({results['test']['count']} images)\n\n",
+         measures_table(named),
+         f"\nModel `{results['model']}`, lam = {results['lam']}, "
+         f"{results['num_train_steps']} steps of global batch {results['batch_size']} on "
+         f"{results['devices']} device(s) x {results['processes']} process(es), "
+         f"{results['wall_time_s']:.0f} s wall time for this run "
+         f"(from step {results['start_step']}).\n",
+         "Accuracy is top-1 against the dominant vote; the six LDL measures compare the "
+         "predicted distribution with the vote distribution (Geng 2016).\n"]
+  if "oracle" in baselines:
+    out.append("The oracle floor is what the hidden distribution that generated the votes "
+               "scores against those votes: the best any model can expect.\n")
+  return "".join(out)
+
+
+def data_markdown(counts: Mapping[str, Any]) -> str:
+  """One sentence on the data: label rows read, used and skipped (by reason), and the
+  options that let rows be skipped (``counts`` as ``sdl_jax.data.buildlog.build_counts``)."""
+  skipped = sum(counts["skipped"].values())
+  reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts["skipped"].items()))
+  text = (f"Data: {counts['rows_read']} label rows read, {counts['written']} used, "
+          f"{skipped} skipped" + (f" ({reasons})" if reasons else ""))
+  allowed = [k for k in ("allow_missing_images", "lenient") if counts.get(k)]
+  if allowed:
+    text += " with " + " and ".join(f"`data.{k}=True`" for k in allowed)
+  return text + "; see build_summary.json and build_log.jsonl.\n"
+
+
+_TRAINING_FACTS = ("name", "model", "data", "lam", "batch_size", "num_train_steps",
+                   "best_step", "best_metric")
+
+
+def report_markdown(results: Mapping[str, Any]) -> str:
+  """A workdir's ``report.md`` from its ``results.json``: the training run's test table
+  (once training finished), the evaluation (once ``sdl_jax.evaluate`` ran) and the data's
+  row counts (``data_build``; the evaluation's own when it read other data)."""
+  parts, counts = [], [results.get("data_build")]
+  if "test" in results:
+    parts.append(training_markdown(results))
+  evaluation = results.get("evaluation")
+  if evaluation:
+    facts = {k: results[k] for k in _TRAINING_FACTS if k in results}
+    parts.append(evaluation_markdown(dict(evaluation, training=facts),
+                                     evaluation.get("figures", {})))
+    counts.append(evaluation.get("data_build"))
+  counts = [c for i, c in enumerate(counts) if c and c not in counts[:i]]
+  if counts:
+    parts.append("## Data\n\n" + "".join(data_markdown(c) for c in counts))
+  return "\n".join(parts)
+
+
+def write_report(workdir: str, results: Mapping[str, Any]) -> str:
+  """Writes ``workdir/report.md`` (``report_markdown(results)``) and returns its text.
+
+  The one writer of that file: training calls it when it ends, evaluation again with its
+  ``evaluation`` entry added to the same results.
+  """
+  text = report_markdown(results)
+  tmp = os.path.join(workdir, "report.md.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, os.path.join(workdir, "report.md"))
+  return text
+
+
 # --------------------------------------------------------------------------------------
 # Figures.
 

@@ -27,14 +27,19 @@ The workdir (written by process 0; checkpoints by all processes through orbax)::
     checkpoints/<step>/    the latest config.keep_checkpoints checkpoints (orbax)
     checkpoints_best/<step>/, best.json   the best on config.best_metric (validation)
     results.json, report.md   final test metrics of the best checkpoint (and of the last
-                           step) next to the baselines
+                           step) next to the baselines, and the data's row counts
+    build_summary.json, build_log.jsonl, splits.json   the data build's records: label
+                           rows read, written and skipped by reason; each skipped row;
+                           the split used (copied from the prepared data set; none for
+                           the built-in synthetic set)
 
 Running the same command again resumes from the latest checkpoint ("resuming from step
 N") and ends with the same parameters as a run that went straight through: the data
 stream and the dropout keys are functions of ``(seed, step)``. SIGTERM or Ctrl-C saves a
 checkpoint at the next step boundary and returns cleanly.
 
-``restore_state(config, workdir, which)`` gives the TrainState of a workdir for inference.
+``sdl_jax.evaluate.restore(config, workdir, which)`` gives the TrainState of a workdir for
+evaluation and inference; ``sdl_jax.report.write_report`` writes ``report.md``.
 """
 
 from __future__ import annotations
@@ -62,9 +67,9 @@ from sdl_jax import losses
 from sdl_jax import metrics as metrics_lib
 from sdl_jax import models
 from sdl_jax import optim
+from sdl_jax import report
 
 AXIS = "batch"
-REPORT_MEASURES = ("accuracy",) + metrics_lib.LDL_MEASURES
 
 
 class TrainState(train_state.TrainState):
@@ -225,7 +230,7 @@ def evaluate(p_eval_step, state, dataset, prefetch: int = 2) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Baselines and reports.
+# Baselines.
 
 
 _jit_batch_sums = jax.jit(metrics_lib.batch_sums)
@@ -259,45 +264,6 @@ def compute_baselines(builder, split: str = "test") -> dict:
     out["oracle"] = baseline_metrics(target["oracle"], target["label"],
                                      target["distribution"])
   return out
-
-
-def _fmt(name, v):
-  return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def write_report(workdir: str, results: dict) -> str:
-  """Writes ``report.md``: the test table (model vs baselines) and how it was made."""
-  arrows = {k: ("↑" if metrics_lib.HIGHER_IS_BETTER[k] else "↓") for k in REPORT_MEASURES}
-  header = "| | " + " | ".join(f"{k} {arrows[k]}" for k in REPORT_MEASURES) + " |"
-  rule = "|---" * (len(REPORT_MEASURES) + 1) + "|"
-  rows = [(f"model, best validation {results['best_metric']} "
-           f"(step {results['best_step']})", results["test"]),
-          (f"model, last step ({results['num_train_steps']})", results["test_last"])]
-  names = {"oracle": "oracle floor (predict the oracle)",
-           "train_mean": "training set's mean distribution",
-           "uniform": "uniform distribution"}
-  for key in ("oracle", "train_mean", "uniform"):
-    if key in results["baselines"]:
-      rows.append((names[key], results["baselines"][key]))
-  lines = [f"# {results['name']}: test split ({results['test']['count']} images)", "",
-           header, rule]
-  for name, m in rows:
-    lines.append(f"| {name} | " + " | ".join(_fmt(k, m[k]) for k in REPORT_MEASURES) + " |")
-  lines += ["",
-            f"Model `{results['model']}`, lam = {results['lam']}, "
-            f"{results['num_train_steps']} steps of global batch {results['batch_size']} on "
-            f"{results['devices']} device(s) x {results['processes']} process(es), "
-            f"{results['wall_time_s']:.0f} s wall time for this run "
-            f"(from step {results['start_step']}).",
-            "Accuracy is top-1 against the dominant vote; the six LDL measures compare the "
-            "predicted distribution with the vote distribution (Geng 2016)."]
-  if "oracle" in results["baselines"]:
-    lines.append("The oracle floor is what the hidden distribution that generated the votes "
-                 "scores against those votes: the best any model can expect.")
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(text)
-  return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,11 +458,18 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(one, tree)
 
 
-def _load_data(config):
+def _load_data(config, workdir: str):
+  """Prepares the data set, then creates ``workdir`` and copies the build's records into
+  it (process 0). The data comes first so that a failed build leaves no empty workdir."""
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  return data.get_builder(config.data)
+  builder = data.get_builder(config.data)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    buildlog.copy_build_records(builder, workdir)
+  return builder
 
 
 def head_from_probe(state: TrainState, config, builder, model, workdir: str) -> TrainState:
@@ -541,10 +514,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   _maybe_initialize_distributed(config)
   validate_config(config)
   workdir = workdir or default_workdir(config)
-  os.makedirs(workdir, exist_ok=True)
   from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  builder = _load_data(config)
+  builder = _load_data(config, workdir)
   num_classes = builder.info.features["label"].num_classes
   class_names = list(builder.info.features["label"].names)
   # Fails early, with a message naming the flag, if the batch does not divide.
@@ -667,8 +639,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     best_step, best_test = step, last_test
   writer.write(step, "test", best_test)
   baselines = compute_baselines(builder, "test")
+  from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   results = {
       "name": config.get("name"), "model": config.model, "data": builder.info.full_name,
+      "data_build": buildlog.build_counts(builder),
       "lam": float(config.lam), "batch_size": int(config.batch_size),
       "num_train_steps": num_train_steps, "steps_per_epoch": steps_per_epoch,
       "start_step": start_step, "best_step": int(best_step),
@@ -680,32 +654,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   }
   _write_json(os.path.join(workdir, "results.json"), results)
   if jax.process_index() == 0:
-    report = write_report(workdir, results)
+    text = report.write_report(workdir, results)
     logging.info("results.json and report.md written to %s", workdir)
-    print(report, flush=True)
+    print(text, flush=True)
   ckpts.close()
   writer.close()
   return results
-
-
-def restore_state(config, workdir: str, which: str = "best") -> TrainState:
-  """The TrainState (host arrays, unreplicated) of a workdir's ``which`` checkpoint
-  (``'best'`` or ``'latest'``), for evaluation and inference. Needs no data set: the
-  number of classes and steps come from ``workdir/run.json``."""
-  with open(os.path.join(workdir, "run.json")) as f:
-    run = json.load(f)
-  model = create_model(config, run["num_classes"])
-  lr_fn = create_learning_rate_fn(config, run["steps_per_epoch"], run["num_train_steps"])
-  target = create_train_state(prng_key(0), config, model, config.image_size, lr_fn,
-                              pretrained=False)
-  ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints, config.best_metric,
-                               metrics_lib.HIGHER_IS_BETTER[config.best_metric])
-  try:
-    state = ckpts.restore(target, which)
-    if state is None and which == "best":
-      state = ckpts.restore(target, "latest")
-  finally:
-    ckpts.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir} (checkpoints/ or checkpoints_best/)")
-  return state

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sdl_jax import distributions
-from sdl_jax.data import common, folders, ldl, votes_csv
+from sdl_jax.data import buildlog, folders, image_files, label_files, ldl, splits, votes_csv
 from sdl_jax.emotions import EMOTION6, MIKELS8
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -72,14 +72,14 @@ def _write(path, text, newline="\n"):
 def test_read_lines_handles_crlf_bom_and_trailing_spaces(tmp_path):
   p = tmp_path / "f.txt"
   p.write_bytes(b"\xef\xbb\xbfa 1 2  \r\n\r\nb\t3\t4\t\r\nc 5 6")
-  assert common.read_lines(str(p)) == [(1, "a 1 2"), (3, "b\t3\t4"), (4, "c 5 6")]
+  assert label_files.read_lines(str(p)) == [(1, "a 1 2"), (3, "b\t3\t4"), (4, "c 5 6")]
 
 
 def test_read_lines_rejects_non_utf8_naming_the_line(tmp_path):
   p = tmp_path / "f.txt"
   p.write_bytes(b"a 1\nb 2\n\xff 3\n")
-  with pytest.raises(common.LabelFileError, match=r"f.txt:3: not UTF-8"):
-    common.read_lines(str(p))
+  with pytest.raises(label_files.LabelFileError, match=r"f.txt:3: not UTF-8"):
+    label_files.read_lines(str(p))
 
 
 @pytest.mark.parametrize("fields,reason", [
@@ -89,21 +89,21 @@ def test_read_lines_rejects_non_utf8_naming_the_line(tmp_path):
     (["0", "0"], "zero total"),
 ])
 def test_check_values_gives_the_reason(fields, reason):
-  assert reason in common.check_values(fields)
+  assert reason in label_files.check_values(fields)
 
 
 def test_check_values_parses_good_rows():
-  np.testing.assert_array_equal(common.check_values(["1", "2.5", "0"]), [1, 2.5, 0])
+  np.testing.assert_array_equal(label_files.check_values(["1", "2.5", "0"]), [1, 2.5, 0])
   # Only the count columns must be non-negative with a positive total.
-  np.testing.assert_array_equal(common.check_values(["-1.5", "3"], counts=slice(1, None)),
+  np.testing.assert_array_equal(label_files.check_values(["-1.5", "3"], counts=slice(1, None)),
                                 [-1.5, 3])
 
 
 def _rows(tmp_path, text, lenient):
   p = tmp_path / "gt.txt"
   _write(str(p), text)
-  log = common.BuildLog()
-  rows = common.read_value_rows(str(p), common.read_lines(str(p)), sep="whitespace",
+  log = buildlog.BuildLog()
+  rows = label_files.read_value_rows(str(p), label_files.read_lines(str(p)), sep="whitespace",
                                 num_values=3, lenient=lenient, log=log)
   return str(p), rows, log
 
@@ -117,7 +117,7 @@ BAD_ROWS = "a.jpg 1 2 3\nb.jpg 1 2\nc.jpg 1 x 3\nd.jpg 1 -1 3\ne.jpg 0 0 0\nf.jp
 def test_bad_rows_are_errors_naming_file_and_line(tmp_path, line, what):
   good = "a.jpg 1 2 3\n"
   bad = BAD_ROWS.splitlines()[line - 1]
-  with pytest.raises(common.LabelFileError, match=rf"gt.txt:2: {what}.*lenient"):
+  with pytest.raises(label_files.LabelFileError, match=rf"gt.txt:2: {what}.*lenient"):
     _rows(tmp_path, good + bad + "\n", lenient=False)
 
 
@@ -125,7 +125,7 @@ def test_lenient_skips_and_logs_bad_rows(tmp_path):
   path, rows, log = _rows(tmp_path, BAD_ROWS, lenient=True)
   assert [r.name for r in rows] == ["a.jpg"]
   assert rows[0].origin == f"{path}:1"
-  counts = log.split_counts(common.UNASSIGNED)
+  counts = log.split_counts(buildlog.UNASSIGNED)
   assert counts["rows_read"] == 5 and counts["skipped"] == {"bad_row": 5}
   assert [e["origin"] for e in log.entries] == [f"{path}:{i}" for i in range(2, 7)]
   assert {e["name"] for e in log.entries} == {"b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"}
@@ -133,7 +133,7 @@ def test_lenient_skips_and_logs_bad_rows(tmp_path):
 
 @pytest.mark.parametrize("lenient", [False, True])
 def test_duplicate_names_are_always_an_error(tmp_path, lenient):
-  with pytest.raises(common.LabelFileError, match=r"gt.txt:3: duplicate image name 'a.jpg'"
+  with pytest.raises(label_files.LabelFileError, match=r"gt.txt:3: duplicate image name 'a.jpg'"
                      r" \(also on line 1\)"):
     _rows(tmp_path, "a.jpg 1 2 3\nb.jpg 1 1 1\n./a.jpg 3 2 1\n", lenient)
 
@@ -141,15 +141,15 @@ def test_duplicate_names_are_always_an_error(tmp_path, lenient):
 def test_column_order_maps_header_names_to_the_taxonomy():
   header = ["Awe", "[prob. amusement]", "Contentment", "excitement", "Anger", "Disgust",
             "Fear", "Sadness"]
-  perm = common.column_order(header, MIKELS8, "f:1")
+  perm = label_files.column_order(header, MIKELS8, "f:1")
   values = np.arange(8.0)  # File order: awe=0, amusement=1, ...
   np.testing.assert_array_equal(values[perm], [1, 0, 2, 3, 4, 5, 6, 7])
-  with pytest.raises(common.LabelFileError, match="f:1: header emotions"):
-    common.column_order(header[:-1] + ["joy"], MIKELS8, "f:1")
+  with pytest.raises(label_files.LabelFileError, match="f:1: header emotions"):
+    label_files.column_order(header[:-1] + ["joy"], MIKELS8, "f:1")
 
 
 def test_build_log_bookkeeping_check_can_fail():
-  log = common.BuildLog()
+  log = buildlog.BuildLog()
   log.read("train", 3)
   log.write("train")
   log.skip("train", "no_image", "a.jpg")
@@ -169,7 +169,7 @@ def test_encode_image_keeps_jpeg_and_png_bytes(tmp_path):
   for fmt, ext in (("JPEG", "jpg"), ("PNG", "png")):
     p = str(tmp_path / f"a.{ext}")
     _image(p, fmt=fmt)
-    data, reencoded = common.encode_image(p, 3)
+    data, reencoded = image_files.encode_image(p, 3)
     assert not reencoded and data == open(p, "rb").read()
 
 
@@ -178,7 +178,7 @@ def test_encode_image_reencodes_what_tensorflow_cannot_read_as_is(tmp_path):
                          ("RGB", "BMP", "bmp")):
     p = str(tmp_path / f"a_{mode}.{ext}")
     _image(p, mode=mode, fmt=fmt, size=(9, 4))
-    data, reencoded = common.encode_image(p, 3)
+    data, reencoded = image_files.encode_image(p, 3)
     assert reencoded
     with Image.open(io.BytesIO(data)) as im:
       assert im.format == "PNG" and im.size == (9, 4) and im.mode == "RGB"
@@ -188,16 +188,16 @@ def test_encode_image_rejects_broken_files(tmp_path):
   p = str(tmp_path / "t.jpg")
   _image(p, size=(40, 40))
   _truncate(p)
-  with pytest.raises(common.ImageError, match="truncated|broken|OSError"):
-    common.encode_image(p, 3)
+  with pytest.raises(image_files.ImageError, match="truncated|broken|OSError"):
+    image_files.encode_image(p, 3)
   (tmp_path / "e.jpg").write_bytes(b"")
-  with pytest.raises(common.ImageError, match="empty file"):
-    common.encode_image(str(tmp_path / "e.jpg"), 3)
+  with pytest.raises(image_files.ImageError, match="empty file"):
+    image_files.encode_image(str(tmp_path / "e.jpg"), 3)
   (tmp_path / "x.png").write_bytes(b"not an image at all")
-  with pytest.raises(common.ImageError, match="UnidentifiedImageError"):
-    common.encode_image(str(tmp_path / "x.png"), 3)
-  with pytest.raises(common.ImageError, match="cannot read"):
-    common.encode_image(str(tmp_path / "missing.png"), 3)
+  with pytest.raises(image_files.ImageError, match="UnidentifiedImageError"):
+    image_files.encode_image(str(tmp_path / "x.png"), 3)
+  with pytest.raises(image_files.ImageError, match="cannot read"):
+    image_files.encode_image(str(tmp_path / "missing.png"), 3)
 
 
 # --------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def _split_names(n_per_class):
 def test_stratified_split_counts_proportions_and_determinism():
   names, labels = _split_names([40, 25, 13, 7, 3, 2, 1, 9])
   n = len(names)
-  split = common.stratified_split(names, labels, seed=3)
+  split = splits.stratified_split(names, labels, seed=3)
   # Disjoint and complete.
   assert sorted(sum(split.values(), [])) == sorted(names)
   assert len(split["test"]) == math.floor(n * 0.15 + 0.5)
@@ -232,14 +232,14 @@ def test_stratified_split_counts_proportions_and_determinism():
       assert abs(got - n_c * k / n) <= 1, (part, c, got, n_c * k / n)
   # Deterministic and independent of input order; the seed matters.
   order = np.random.default_rng(0).permutation(n)
-  again = common.stratified_split([names[i] for i in order], [labels[i] for i in order], 3)
+  again = splits.stratified_split([names[i] for i in order], [labels[i] for i in order], 3)
   assert again == split
-  assert common.stratified_split(names, labels, seed=4) != split
+  assert splits.stratified_split(names, labels, seed=4) != split
 
 
 def test_stratified_split_keeps_small_splits_non_empty():
-  split = common.stratified_split(["a", "b", "c", "d"], [0, 0, 1, 1], seed=0)
-  assert [len(split[s]) for s in common.SPLITS] == [2, 1, 1]
+  split = splits.stratified_split(["a", "b", "c", "d"], [0, 0, 1, 1], seed=0)
+  assert [len(split[s]) for s in buildlog.SPLITS] == [2, 1, 1]
 
 
 def test_read_split_file_formats(tmp_path):
@@ -249,20 +249,20 @@ def test_read_split_file_formats(tmp_path):
   _write(str(t), "a train\nb,train\nc\tvalid\nd test\n", "\r\n")
   want = {"train": ["a", "b"], "validation": ["c"], "test": ["d"]}
   for f in (j, t):
-    got = common.read_split_file(str(f))
+    got = splits.read_split_file(str(f))
     assert {s: [n for n, _ in v] for s, v in got.items()} == want
   tr, te = tmp_path / "train_1.txt", tmp_path / "test_1.txt"
   _write(str(tr), "a 1 2 3\nb 3 2 1\n")
   _write(str(te), "d 1 1 1\n")
-  got = common.read_split_file({"train": str(tr), "test": str(te)})
+  got = splits.read_split_file({"train": str(tr), "test": str(te)})
   assert {s: [n for n, _ in v] for s, v in got.items()} == {
       "train": ["a", "b"], "validation": [], "test": ["d"]}
   _write(str(t), "a train\na test\n")
-  with pytest.raises(common.LabelFileError, match="s.txt:2: 'a' is listed twice"):
-    common.read_split_file(str(t))
+  with pytest.raises(label_files.LabelFileError, match="s.txt:2: 'a' is listed twice"):
+    splits.read_split_file(str(t))
   _write(str(t), "a train\nb holdout\n")
-  with pytest.raises(common.LabelFileError, match="s.txt:2: unknown split 'holdout'"):
-    common.read_split_file(str(t))
+  with pytest.raises(label_files.LabelFileError, match="s.txt:2: unknown split 'holdout'"):
+    splits.read_split_file(str(t))
 
 
 # --------------------------------------------------------------------------------------
@@ -298,26 +298,27 @@ def test_flickr_ldl_build_with_bad_images_and_missing_rows(tmp_path):
   _image(os.path.join(root, "images", "999.jpg"))                # image without row
   _image(os.path.join(root, "images", "gray.jpg"), mode="L")     # image without row
   _write(os.path.join(root, "images", "notes.txt"), "hello")     # not an image
-  b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root), str(tmp_path / "c")))
-  s = common.build_summary(b)
+  b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
+                                     allow_missing_images=True), str(tmp_path / "c")))
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["complete"] and s["rows_read"] == 48 and s["written"] == 46
   assert s["skipped"] == {"no_image": 1, "unreadable_image": 1}
   assert s["notes"] == {"image_without_row": 2, "non_image_file": 1}
   assert s["splits"]["unassigned"]["skipped"] == {"no_image": 1}
   # The split drawn over the 47 rows with an image file: 7 test, 2 validation.
-  sizes = {k: s["splits"][k]["rows_read"] for k in common.SPLITS}
+  sizes = {k: s["splits"][k]["rows_read"] for k in buildlog.SPLITS}
   assert sizes == {"train": 38, "validation": 2, "test": 7}
-  log = common.build_log(b)
+  log = buildlog.build_log(b)
   unreadable = [e for e in log if e["reason"] == "unreadable_image"]
   assert [e["name"] for e in unreadable] == ["5.jpg"]
   assert unreadable[0]["origin"].endswith("ground_truth.txt:6")
   assert {e["name"] for e in log if e["reason"] == "image_without_row"} == {
       "999.jpg", "gray.jpg"}
   # The split used, and what was written, agree; every example is right.
-  assignment = common.split_assignment(b)
+  assignment = buildlog.split_assignment(b)
   assert sum(len(v) for v in assignment.values()) == 46
-  for split in common.SPLITS:
+  for split in buildlog.SPLITS:
     exs = _examples(b, split)
     assert sorted(exs) == assignment[split]
     assert b.info.splits[split].num_examples == len(exs)
@@ -340,7 +341,7 @@ def test_flickr_ldl_bad_row_is_an_error_naming_file_and_line(tmp_path, bad, what
   root = _flickr(str(tmp_path / "F"), n=16, extra_rows=bad + " \r\n")
   builder = ldl.make_builder(_cfg(name="flickr_ldl", path=root), str(tmp_path / "c"))
   # Line 18: the header, 16 good rows, then the bad one.
-  with pytest.raises(common.LabelFileError, match=rf"F/ground_truth.txt:18: {what}"):
+  with pytest.raises(label_files.LabelFileError, match=rf"F/ground_truth.txt:18: {what}"):
     builder.download_and_prepare()
 
 
@@ -352,20 +353,73 @@ def test_flickr_ldl_lenient_skips_bad_rows_and_counts_them(tmp_path):
     _image(os.path.join(root, "images", f"x{i}.jpg"))  # their images exist
   b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root, lenient=True),
                                 str(tmp_path / "c")))
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["rows_read"] == 28 and s["written"] == 24 and s["skipped"] == {"bad_row": 4}
   # Images of bad rows have a (broken) row: not reported as images without one.
   assert "image_without_row" not in s["notes"]
-  bad = [e for e in common.build_log(b) if e["reason"] == "bad_row"]
+  bad = [e for e in buildlog.build_log(b) if e["reason"] == "bad_row"]
   assert [e["origin"].rsplit(":", 1)[1] for e in bad] == ["26", "27", "28", "29"]
+
+
+def test_missing_images_stop_a_strict_build_naming_file_count_and_option(tmp_path):
+  root = _flickr(str(tmp_path / "F"), n=30)
+  for i in (3, 11, 12, 29):
+    os.remove(os.path.join(root, "images", f"{i}.jpg"))
+  cache = tmp_path / "c"
+  b = ldl.make_builder(_cfg(name="flickr_ldl", path=root), str(cache))
+  with pytest.raises(image_files.MissingImagesError) as e:
+    b.download_and_prepare()
+  msg = str(e.value)
+  assert os.path.join(root, "ground_truth.txt") in msg
+  assert "4 of 30 label rows" in msg
+  assert "first: '3.jpg', '11.jpg', '12.jpg', '29.jpg'" in msg
+  assert "--config.data.allow_missing_images=True" in msg
+  assert not b.is_prepared()
+
+
+def test_allowed_missing_images_are_skipped_with_a_warning_and_counted(tmp_path, caplog):
+  root = _flickr(str(tmp_path / "F"), n=30)
+  for i in (3, 11, 12, 29):
+    os.remove(os.path.join(root, "images", f"{i}.jpg"))
+  with caplog.at_level("WARNING"):
+    b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
+                                       allow_missing_images=True), str(tmp_path / "c")))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("4 of 30 label rows" in w and "allow_missing_images=True" in w
+             for w in warnings), warnings
+  assert any("30 label rows read, 26 written, 4 skipped {'no_image': 4}" in w
+             for w in warnings), warnings
+  s = buildlog.build_summary(b)
+  _check_invariant(s)
+  assert s["splits"]["unassigned"]["skipped"] == {"no_image": 4}
+  assert s["options"]["allow_missing_images"] is True
+  assert buildlog.build_counts(b) == {
+      "rows_read": 30, "written": 26, "skipped": {"no_image": 4}, "notes": {},
+      "written_per_split": {k: s["splits"][k]["written"] for k in buildlog.SPLITS},
+      "lenient": False, "allow_missing_images": True}
+  assert sorted(e["name"] for e in buildlog.build_log(b)) == [
+      "11.jpg", "12.jpg", "29.jpg", "3.jpg"]
+
+
+def test_lenient_skips_reach_a_warning_with_their_count(tmp_path, caplog):
+  root = _flickr(str(tmp_path / "F"), n=20, extra_rows="bad 1 2\r\nworse x 1 1 1 1 1 1 1\r\n")
+  with caplog.at_level("WARNING"):
+    b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root, lenient=True),
+                                  str(tmp_path / "c")))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any("2 bad label rows skipped (config.data.lenient=True)" in w
+             for w in warnings), warnings
+  assert any("22 label rows read, 20 written, 2 skipped {'bad_row': 2}" in w
+             for w in warnings), warnings
+  assert buildlog.build_summary(b)["splits"]["unassigned"]["skipped"] == {"bad_row": 2}
 
 
 def test_twitter_ldl_headerless_lf_file(tmp_path):
   root = _flickr(str(tmp_path / "Twitter_LDL"), n=20, header=False, newline="\n")
   b = _prepare(ldl.make_builder(_cfg(name="twitter_ldl", path=root, split_seed=1),
                                 str(tmp_path / "c")))
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert b.name == "twitter_ldl" and s["written"] == 20 and s["skipped"] == {}
   assert s["split"] == {"method": "stratified", "seed": 1, "fractions": [0.8, 0.05, 0.15]}
@@ -382,13 +436,13 @@ def test_ldl_split_file_with_missing_names_and_carved_validation(tmp_path):
   cfg = _cfg(name="flickr_ldl", path=root, split_file=f"train={tr},test={te}")
   b = _prepare(ldl.make_builder(cfg, str(tmp_path / "c")))
   assert b.options["split_file"] == {"train": str(tr), "test": str(te)}
-  with pytest.raises(common.LabelFileError, match="unknown split 'tset'"):
+  with pytest.raises(label_files.LabelFileError, match="unknown split 'tset'"):
     ldl.make_builder(_cfg(name="flickr_ldl", path=root, split_file=f"tset={te}"), "c")
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["skipped"] == {"not_in_split_file": 2}
   assert s["notes"] == {"split_file_name_without_row": 1}
-  a = common.split_assignment(b)
+  a = buildlog.split_assignment(b)
   assert a["test"] == sorted(f"{i}.jpg" for i in range(23, 29))
   assert len(a["validation"]) == 1 and len(a["train"]) == 21  # 22 * 0.05/0.85 -> 1
   assert set(a["train"]) | set(a["validation"]) == {f"{i}.jpg" for i in range(1, 23)}
@@ -398,7 +452,7 @@ def test_ldl_split_file_with_missing_names_and_carved_validation(tmp_path):
   split_json.write_text(json.dumps(a))
   b2 = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
                                       split_file=str(split_json)), str(tmp_path / "c")))
-  assert common.split_assignment(b2) == a
+  assert buildlog.split_assignment(b2) == a
 
 
 def test_configs_never_share_a_cache_and_same_config_reuses_it(tmp_path):
@@ -473,13 +527,13 @@ def test_emotion6_tab_separated_with_bracketed_header(tmp_path):
   _truncate(os.path.join(root, "images", "sadness", "2.jpg"))
   del want["sadness/2.jpg"]
   _write(os.path.join(root, "ground_truth.txt"), "\n".join(lines) + "\n", "\r\n")
-  with pytest.raises(common.LabelFileError, match=r"ground_truth.txt:26: expected 10 "
+  with pytest.raises(label_files.LabelFileError, match=r"ground_truth.txt:26: expected 10 "
                      r"columns \(name, valence, arousal, 7 probabilities\), got 9"):
     ldl.make_builder(_cfg(name="emotion6", path=root), str(tmp_path / "c")
                      ).download_and_prepare()
   b = _prepare(ldl.make_builder(_cfg(name="emotion6", path=root, lenient=True),
                                 str(tmp_path / "c")))
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["rows_read"] == 26 and s["written"] == 23
   assert s["skipped"] == {"bad_row": 2, "unreadable_image": 1}
@@ -487,7 +541,7 @@ def test_emotion6_tab_separated_with_bracketed_header(tmp_path):
   assert "votes" not in b.info.features
   assert b.info.features["label"].names == list(EMOTION6.names)
   got = {}
-  for split in common.SPLITS:
+  for split in buildlog.SPLITS:
     got.update(_examples(b, split))
   assert sorted(got) == sorted(want)
   for name, ex in got.items():
@@ -525,13 +579,13 @@ def test_folders_fi_layout_with_combined_strategy(tmp_path):
   _write(os.path.join(root, "Thumbs.db"), "x")
   cfg = _cfg(name="folders", path=root, strategy="both", sigma=1.5, eps=0.2)
   b = _prepare(folders.make_builder(cfg, str(tmp_path / "c")))
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["rows_read"] == 33 and s["written"] == 32
   assert s["skipped"] == {"unreadable_image": 1}
   assert s["notes"] == {"non_image_file": 1, "reencoded": 1}
   names = set()
-  for split in common.SPLITS:
+  for split in buildlog.SPLITS:
     for name, ex in _examples(b, split).items():
       names.add(name)
       assert ex["image"].shape == (5, 7, 3)
@@ -549,11 +603,11 @@ def test_folders_strategies_and_given_split_folders(tmp_path):
   _image(os.path.join(root, "loose.jpg"))
   b = _prepare(folders.make_builder(_cfg(name="folders", path=root, strategy="exclusion"),
                                     str(tmp_path / "c")))
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["split"]["method"] == "official" and "carved" in s["split"]["validation"]
   assert s["notes"] == {"image_without_row": 1}
-  a = common.split_assignment(b)
+  a = buildlog.split_assignment(b)
   assert len(a["test"]) == 8 and all(n.startswith("test/") for n in a["test"])
   assert len(a["validation"]) == 1 and len(a["train"]) == 23
   ex = next(iter(_examples(b, "test").values()))
@@ -570,7 +624,7 @@ def test_folders_distance_option_reaches_the_targets(tmp_path):
                                   str(tmp_path / "c"))
   assert by_index.builder_config.name != by_wheel.builder_config.name
   b = _prepare(by_index)
-  for split in common.SPLITS:
+  for split in buildlog.SPLITS:
     for ex in _examples(b, split).values():
       want = distributions.combined(np.array([ex["label"]]), MIKELS8, 0.45, 0.0, "index")[0]
       np.testing.assert_allclose(ex["distribution"], want, rtol=1e-6)
@@ -581,13 +635,13 @@ def test_folders_distance_option_reaches_the_targets(tmp_path):
 def test_folders_unknown_folder_strict_and_lenient(tmp_path):
   root = _fi(str(tmp_path / "FI"), per_class=3)
   _image(os.path.join(root, "joy", "j.jpg"))
-  with pytest.raises(common.LabelFileError, match=r"joy/j.jpg: folder 'joy' is not an "
+  with pytest.raises(label_files.LabelFileError, match=r"joy/j.jpg: folder 'joy' is not an "
                      r"emotion of taxonomy 'mikels8'"):
     folders.make_builder(_cfg(name="folders", path=root), str(tmp_path / "c")
                          ).download_and_prepare()
   b = _prepare(folders.make_builder(_cfg(name="folders", path=root, lenient=True,
                                          strategy="implication"), str(tmp_path / "c")))
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["skipped"] == {"bad_row": 1} and s["written"] == 24
   with pytest.raises(ValueError, match="strategy"):
@@ -615,18 +669,24 @@ def test_votes_csv_header_in_any_order_and_quoted_paths(tmp_path):
   rows.append("pics/gone.png,1,2,3,4,5,6,7,8")  # no such image
   _write(os.path.join(root, "votes.csv"), "path," + ",".join(order) + "\n"
          + "\n".join(rows) + "\n")
-  with pytest.raises(common.LabelFileError, match=r"votes.csv:22: negative count -5"):
+  with pytest.raises(label_files.LabelFileError, match=r"votes.csv:22: negative count -5"):
     votes_csv.make_builder(_cfg(name="votes_csv", path=os.path.join(root, "votes.csv")),
                            str(tmp_path / "c")).download_and_prepare()
+  with pytest.raises(image_files.MissingImagesError, match=r"1 of 21 label rows of .*votes.csv "
+                     r"name no image file \(first: 'pics/gone.png'"):
+    votes_csv.make_builder(_cfg(name="votes_csv", lenient=True,
+                                path=os.path.join(root, "votes.csv")),
+                           str(tmp_path / "c")).download_and_prepare()
   b = _prepare(votes_csv.make_builder(_cfg(name="votes_csv", lenient=True,
+                                           allow_missing_images=True,
                                            path=os.path.join(root, "votes.csv")),
                                       str(tmp_path / "c")))
   assert b.taxonomy is MIKELS8
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
   assert s["rows_read"] == 22 and s["written"] == 20
   assert s["splits"]["unassigned"]["skipped"] == {"bad_row": 1, "no_image": 1}
-  for split in common.SPLITS:
+  for split in buildlog.SPLITS:
     for name, ex in _examples(b, split).items():
       np.testing.assert_array_equal(ex["votes"], want[name])
       assert ex["label"] == int(np.argmax(want[name]))
@@ -645,14 +705,14 @@ def test_votes_list_files_per_split_with_taxonomy_and_grey(tmp_path):
       lines.append(f"{name} " + " ".join(map(str, v)))
       want[name] = v
     _write(os.path.join(root, f"{split}.txt"), "\n".join(lines) + "\n")
-  with pytest.raises(common.LabelFileError, match="no header row.*config.data.taxonomy"):
+  with pytest.raises(label_files.LabelFileError, match="no header row.*config.data.taxonomy"):
     votes_csv.make_builder(_cfg(name="votes_csv", path=root), str(tmp_path / "c"))
   cfg = _cfg(name="votes_csv", path=root, taxonomy="emotion6", image_dir="img",
              channels=1)
   b = _prepare(votes_csv.make_builder(cfg, str(tmp_path / "c")))
-  s = common.build_summary(b)
+  s = buildlog.build_summary(b)
   _check_invariant(s)
-  assert {k: s["splits"][k]["written"] for k in common.SPLITS} == {
+  assert {k: s["splits"][k]["written"] for k in buildlog.SPLITS} == {
       "train": 12, "validation": 2, "test": 3}
   ex = _examples(b, "validation")["val/1.jpg"]
   assert ex["image"].shape == (5, 7, 1)
@@ -662,7 +722,7 @@ def test_votes_list_files_per_split_with_taxonomy_and_grey(tmp_path):
   # A name in two split files is a duplicate.
   with open(os.path.join(root, "test.txt"), "a") as f:
     f.write("train/0.jpg 1 1 1 1 1 1 1\n")
-  with pytest.raises(common.LabelFileError, match=r"test.txt:4: duplicate image "
+  with pytest.raises(label_files.LabelFileError, match=r"test.txt:4: duplicate image "
                      r"'train/0.jpg' \(also at .*train.txt:1\)"):
     votes_csv.make_builder(cfg, str(tmp_path / "c")).download_and_prepare()
 
@@ -677,18 +737,23 @@ def test_votes_csv_custom_taxonomy_from_header(tmp_path):
   b = _prepare(votes_csv.make_builder(
       _cfg(name="votes_csv", path=os.path.join(root, "labels.csv")), str(tmp_path / "c")))
   assert b.info.features["label"].names == ["calm", "tense", "happy"]
-  assert common.build_summary(b)["written"] == 12
+  assert buildlog.build_summary(b)["written"] == 12
 
 
 def test_copy_build_records(tmp_path):
   root = _flickr(str(tmp_path / "F"), n=12)
   b = _prepare(ldl.make_builder(_cfg(name="flickr_ldl", path=root), str(tmp_path / "c")))
-  paths = common.copy_build_records(b, str(tmp_path / "work"))
+  paths = buildlog.copy_build_records(b, str(tmp_path / "work"))
   assert sorted(os.path.basename(p) for p in paths) == [
       "build_log.jsonl", "build_summary.json", "splits.json"]
-  assert json.loads(open(paths[0]).read()) == common.build_summary(b)
+  assert json.loads(open(paths[0]).read()) == buildlog.build_summary(b)
+  from sdl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  drawn = synthetic.make_builder(_cfg(num_examples=40, seed=0, image_size=8),
+                                 str(tmp_path / "c2"))
+  assert not buildlog.has_build_records(drawn) and buildlog.build_counts(drawn) is None
+  assert buildlog.copy_build_records(drawn, str(tmp_path / "work2")) == []
   with pytest.raises(FileNotFoundError, match="prepare the builder first"):
-    common.build_summary(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
+    buildlog.build_summary(ldl.make_builder(_cfg(name="flickr_ldl", path=root,
                                                split_seed=9), str(tmp_path / "c")))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdl_jax.data import common, ferplus, get_builder
+from sdl_jax.data import buildlog, ferplus, get_builder, image_files, label_files
 from sdl_jax.emotions import FERPLUS
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -166,12 +166,17 @@ def test_small_ferplus_layout_both_protocols(tmp_path):
   open(p, "wb").write(data[:len(data) // 3])
   os.remove(os.path.join(root, "data", missing))
   _png(os.path.join(root, "data", "FER2013Test", "fer9999999.png"), 0)
+  with pytest.raises(image_files.MissingImagesError,
+                     match=rf"1 of \d+ label rows of .*FER2013Valid.label.csv name no "
+                     rf"image file \(first: '{missing}'.*allow_missing_images=True"):
+    ferplus.make_builder(_cfg(path=root), str(tmp_path / "c")).download_and_prepare()
   for protocol in ferplus.PROTOCOLS:
-    b = ferplus.make_builder(_cfg(path=root, protocol=protocol), str(tmp_path / "c"))
+    b = ferplus.make_builder(_cfg(path=root, protocol=protocol, allow_missing_images=True),
+                             str(tmp_path / "c"))
     b.download_and_prepare()
-    s = common.build_summary(b)
+    s = buildlog.build_summary(b)
     assert s["complete"] and s["notes"] == {"image_without_row": 1}
-    for split in common.SPLITS:
+    for split in buildlog.SPLITS:
       c = s["splits"][split]
       mine = {n: v for n, (sp, v) in rows.items() if sp == split}
       if protocol == "majority":
@@ -196,10 +201,10 @@ def test_small_ferplus_layout_both_protocols(tmp_path):
         assert ex["label"] == want[name]
         v = [0 if x <= 1 else x for x in raw[:8]]
         np.testing.assert_allclose(ex["distribution"], np.array(v) / sum(v), rtol=1e-6)
-      assert sorted(exs) == common.split_assignment(b)[split]
+      assert sorted(exs) == buildlog.split_assignment(b)[split]
     assert s["splits"]["train"]["skipped"].get("unreadable_image") == 1
     assert s["splits"]["validation"]["skipped"].get("no_image") == 1
-    log = common.build_log(b)
+    log = buildlog.build_log(b)
     entry = next(e for e in log if e["name"] == truncated)
     assert entry["reason"] == "unreadable_image" and entry["origin"].endswith(
         f"label.csv:{1 + int(truncated[-11:-4])}")
@@ -219,7 +224,7 @@ def test_ferplus_from_a_tar_archive(tmp_path):
   assert os.fspath(b.data_path) != os.fspath(m.data_path)
   assert sorted(os.listdir(cache)) == ["downloads", "ferplus"]  # Nothing extracted.
   for builder, reference in ((b, reference_distribution), (m, reference_majority)):
-    s = common.build_summary(builder)
+    s = buildlog.build_summary(builder)
     assert s["written"] == sum(reference(v) is not None for _, v in rows.values())
     assert s["notes"] == {"image_without_row": 1}
   ex = _examples(m, "train")
@@ -227,9 +232,9 @@ def test_ferplus_from_a_tar_archive(tmp_path):
   with Image.open(src / "data" / name) as im:
     np.testing.assert_array_equal(ex[name]["image"][..., 0], np.asarray(im))
   # Entries name the archive member.
-  e = next(e for e in common.build_log(m) if e["reason"] == "image_without_row")
+  e = next(e for e in buildlog.build_log(m) if e["reason"] == "image_without_row")
   assert e["name"] == "FER2013Test/fer7777777.png"
-  assert next(e for e in common.build_log(m) if e["reason"] == "no_majority")[
+  assert next(e for e in buildlog.build_log(m) if e["reason"] == "no_majority")[
       "origin"].startswith(f"{archive}:FER2013Train/label.csv:")
 
 
@@ -240,16 +245,16 @@ def test_ferplus_bad_label_rows(tmp_path):
   with open(label, "a") as f:
     f.write('fer8888888.png,"(0, 0, 48, 48)",1,2,3\n')
     f.write('fer8888889.png,"(0, 0, 48, 48)",0,0,0,0,0,0,0,0,0,0\n')
-  with pytest.raises(common.LabelFileError,
+  with pytest.raises(label_files.LabelFileError,
                      match=r"FER2013Valid/label.csv:7: expected 12 columns"):
     ferplus.make_builder(_cfg(path=root), str(tmp_path / "c")).download_and_prepare()
   b = ferplus.make_builder(_cfg(path=root, lenient=True), str(tmp_path / "c"))
   b.download_and_prepare()
-  c = common.build_summary(b)["splits"]["validation"]
+  c = buildlog.build_summary(b)["splits"]["validation"]
   assert c["rows_read"] == 8 and c["skipped"]["bad_row"] == 2
   with open(label, "a") as f:
     f.write('fer0000017.png,"(0, 0, 48, 48)",9,0,0,0,0,0,0,0,0,1\n')  # a duplicate
-  with pytest.raises(common.LabelFileError, match="duplicate image name 'fer0000017.png'"):
+  with pytest.raises(label_files.LabelFileError, match="duplicate image name 'fer0000017.png'"):
     ferplus.make_builder(_cfg(path=root, lenient=True), str(tmp_path / "d")
                          ).download_and_prepare()
 
@@ -351,12 +356,12 @@ def _find(builder, split, names):
 @pytest.mark.slow
 @needs_archive
 def test_real_ferplus_builds_with_the_published_split_counts(real_ferplus):
-  sizes = {p: {s: b.info.splits[s].num_examples for s in common.SPLITS}
+  sizes = {p: {s: b.info.splits[s].num_examples for s in buildlog.SPLITS}
            for p, b in real_ferplus.items()}
   assert sizes == {"majority": {"train": 25045, "validation": 3191, "test": 3137},
                    "distribution": {"train": 28385, "validation": 3555, "test": 3545}}
   for protocol, b in real_ferplus.items():
-    s = common.build_summary(b)
+    s = buildlog.build_summary(b)
     assert s["rows_read"] == 28558 + 3579 + 3573
     assert s["rows_read"] == s["written"] + sum(s["skipped"].values())
     assert "unreadable_image" not in s["skipped"] and "no_image" not in s["skipped"]
@@ -382,7 +387,7 @@ def test_real_ferplus_spot_checks(real_ferplus, real_files):
   assert set(maj) == {"FER2013Train/fer0000001.png"}
   m = maj["FER2013Train/fer0000001.png"]
   assert m["label"] == 0 and m["distribution"].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
-  entry = next(e for e in common.build_log(real_ferplus["majority"])
+  entry = next(e for e in buildlog.build_log(real_ferplus["majority"])
                if e["name"] == "FER2013Train/fer0000000.png")
   assert entry["reason"] == "no_majority" and entry["origin"].endswith("label.csv:1")
   # The image is the archive's 48x48 grey PNG.

@@ -81,14 +81,14 @@ def test_model_inputs_grey_rgba_and_any_size(tmp_path):
 
 
 def test_read_image_file_rejects_non_images(tmp_path):
-  from sdl_jax.data import common  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import image_files  # pylint: disable=g-import-not-at-top
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"definitely not a jpeg")
-  with pytest.raises(common.ImageError):
+  with pytest.raises(image_files.ImageError):
     predict.read_image_file(str(bad))
   empty = tmp_path / "empty.png"
   empty.write_bytes(b"")
-  with pytest.raises(common.ImageError, match="empty"):
+  with pytest.raises(image_files.ImageError, match="empty"):
     predict.read_image_file(str(empty))
 
 

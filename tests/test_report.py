@@ -151,3 +151,58 @@ def test_evaluation_markdown_has_all_rows_and_figures():
     assert needle in text, needle
   for name in NAMES:
     assert f"| {name} |" in text
+
+
+def _training_results(m):
+  return {"name": "flickr_ldl", "model": "small_cnn", "data": "flickr_ldl/seed0-x/1.0.0",
+          "lam": 0.8, "batch_size": 32, "num_train_steps": 60, "start_step": 0,
+          "best_step": 40, "best_metric": "kl", "test": dict(m, count=315),
+          "test_last": m, "baselines": {"uniform": m, "train_mean": m},
+          "devices": 1, "processes": 1, "wall_time_s": 12.0}
+
+
+def test_data_markdown_states_rows_read_used_and_skipped_by_reason():
+  counts = {"rows_read": 50, "written": 41, "skipped": {"no_image": 7, "bad_row": 2},
+            "lenient": True, "allow_missing_images": True}
+  text = report.data_markdown(counts)
+  assert text.startswith("Data: 50 label rows read, 41 used, 9 skipped "
+                         "(bad_row 2, no_image 7) with `data.allow_missing_images=True` "
+                         "and `data.lenient=True`")
+  clean = report.data_markdown({"rows_read": 5, "written": 5, "skipped": {}})
+  assert "5 used, 0 skipped;" in clean and "with" not in clean
+
+
+def test_one_report_holds_training_evaluation_and_data(tmp_path):
+  labels, probs, dists = _random_case()
+  m = {k: 0.25 for k in report.MEASURE_COLUMNS}
+  results = _training_results(m)
+  written = 1680 + 105 + 315
+  results["data_build"] = {"rows_read": 11150, "written": written,
+                           "skipped": {"no_image": 11150 - written},
+                           "allow_missing_images": True}
+  text = report.write_report(str(tmp_path), results)
+  assert (tmp_path / "report.md").read_text() == text
+  assert text.startswith("# flickr_ldl: test split (315 images)")
+  for needle in ("| model, best validation kl (step 40) |", "| model, last step (60) |",
+                 "| uniform distribution |", "| training set's mean distribution |",
+                 "KL (lower)", "## Data",
+                 "11150 label rows read, 2100 used, 9050 skipped (no_image 9050) with "
+                 "`data.allow_missing_images=True`"):
+    assert needle in text, needle
+  assert "Evaluation on" not in text
+  # Evaluation: its section is added; the same data counts are stated once.
+  results["evaluation"] = {
+      "split": "test", "count": len(labels), "model": m, "baselines": {"uniform": m},
+      "per_emotion": report.per_emotion(labels, probs, dists, NAMES),
+      "checkpoint": {"which": "best", "step": 40}, "figures": {"Confusion matrix": "f/cm.png"},
+      "data_build": results["data_build"]}
+  text = report.write_report(str(tmp_path), results)
+  assert "# flickr_ldl: test split" in text and "# Evaluation on the test split" in text
+  assert "![Confusion matrix](f/cm.png)" in text and "Training run: model small_cnn" in text
+  assert text.count("label rows read") == 1
+  results["evaluation"]["data_build"] = dict(results["data_build"], rows_read=written,
+                                             skipped={})
+  assert report.report_markdown(results).count("label rows read") == 2
+  # An evaluation of a workdir whose training did not finish: no training table.
+  del results["test"]
+  assert "model, last step" not in report.report_markdown(results)

@@ -21,6 +21,7 @@ import optax
 import pytest
 
 from sdl_jax import checkpoint as ckpt_lib
+from sdl_jax import evaluate
 from sdl_jax import losses
 from sdl_jax import optim
 from sdl_jax import train
@@ -216,7 +217,7 @@ def cache_dir(tmp_path_factory):
 
 
 def _params(workdir, config, which="latest"):
-  state = train.restore_state(config, str(workdir), which)
+  state, _ = evaluate.restore(config, str(workdir), which)
   return jax.tree_util.tree_map(np.asarray, (state.params, state.batch_stats, state.opt_state))
 
 

@@ -13,6 +13,11 @@ Splits are ``train``, ``validation`` and ``test``.
 ``BUILDERS`` maps the ``config.data.name`` of a config to the module that owns that
 format; each such module defines ``make_builder(data_config, data_dir)`` returning an
 (unprepared) ``tfds.core.DatasetBuilder``. ``get_builder`` prepares it.
+
+The builders share, one concern per module: ``source_builder`` (the TFDS builder base
+and its cache key), ``label_files`` (parsing label files), ``image_files`` (listing and
+checking images; missing images), ``splits`` (seeded split, split files, assignment) and
+``buildlog`` (what happened to every row, and the records a build leaves).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ columns as in the file. The image is the 48x48 grey PNG (one channel). ``file_na
 
 Config fields (``config.data``): ``path``; ``protocol`` ('majority' | 'distribution',
 default 'majority'); ``lenient`` (default False: a bad label row is an error naming file
-and line; True: it is skipped and logged).
+and line; True: it is skipped and logged); ``allow_missing_images`` (default False: a
+kept row whose image file is missing is an error; True: it is skipped and logged).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from sdl_jax.data import common
+from sdl_jax.data import buildlog, image_files, label_files, source_builder, splits
 from sdl_jax.emotions import FERPLUS
 
 SPLIT_DIRS = {"train": "FER2013Train", "validation": "FER2013Valid",
@@ -211,9 +212,9 @@ class _Files:
   def listing(self, folder: str) -> tuple[list[str], list[str]]:
     """Image and other file names (relative to ``folder``) below ``folder``."""
     if self.blobs is None:
-      return common.list_images(os.path.join(self.root, folder))
+      return image_files.list_images(os.path.join(self.root, folder))
     names = sorted(k[len(folder) + 1:] for k in self.blobs if k.startswith(folder + "/"))
-    is_image = [n.lower().endswith(common.IMAGE_EXTENSIONS) for n in names]
+    is_image = [n.lower().endswith(image_files.IMAGE_EXTENSIONS) for n in names]
     return ([n for n, i in zip(names, is_image) if i],
             [n for n, i in zip(names, is_image) if not i])
 
@@ -221,17 +222,17 @@ class _Files:
 def source_fingerprint(path: str) -> list[list[Any]]:
   """What the cache key sees of the source: the archive, or the three label files."""
   if os.path.isfile(path):
-    return common.stat_fingerprint([path])
+    return source_builder.stat_fingerprint([path])
   root = _find_data_root(path)
   if root is None:
     raise FileNotFoundError(
         f"FER+ source {path!r} lacks the label files; expected {_expected_files(path)} "
         "(or the same without 'data/'), or give the .tar.gz archive itself")
-  return common.stat_fingerprint(
+  return source_builder.stat_fingerprint(
       [os.path.join(root, d, "label.csv") for d in SPLIT_DIRS.values()])
 
 
-class Ferplus(common.SourceBuilder, skip_registration=True):
+class Ferplus(source_builder.SourceBuilder, skip_registration=True):
   """FER+ with official splits; the protocol is part of the config (module docstring)."""
 
   name = "ferplus"
@@ -242,18 +243,19 @@ class Ferplus(common.SourceBuilder, skip_registration=True):
               "{Barsoum, Emad and Zhang, Cha and Canton Ferrer, Cristian and Zhang, "
               "Zhengyou}, booktitle={ICMI}, year={2016}}")
 
-  def _plan(self) -> common.Plan:
+  def _plan(self) -> source_builder.Plan:
     files = _Files(self._options["path"])
     protocol = self._options["protocol"]
-    log = common.BuildLog()
-    examples: dict[str, list[common.Example]] = {s: [] for s in common.SPLITS}
+    log = buildlog.BuildLog()
+    examples: dict[str, list[source_builder.Example]] = {s: [] for s in buildlog.SPLITS}
     info: dict[str, Any] = {"source": files.root or files.path, "split_method": "official",
                             "images": {}}
+    missing, num_kept = [], 0
     for split, folder in SPLIT_DIRS.items():
       label_rel = f"{folder}/label.csv"
       label_file = files.where(label_rel)
-      rows = common.read_value_rows(
-          label_file, common.read_lines(label_file, files.read(label_rel)), sep="csv",
+      rows = label_files.read_value_rows(
+          label_file, label_files.read_lines(label_file, files.read(label_rel)), sep="csv",
           num_values=len(VOTE_COLUMNS), text_columns=1, lenient=self._options["lenient"],
           log=log, split=split,
           layout="name, face box, 10 vote counts " + "/".join(VOTE_COLUMNS))
@@ -268,33 +270,36 @@ class Ferplus(common.SourceBuilder, skip_registration=True):
                    f"votes {row.values.astype(int).tolist()} ({protocol} protocol)",
                    row.origin)
           continue
+        num_kept += 1
         if not files.exists(name):
-          log.skip(split, common.NO_IMAGE, name, f"no image file {files.where(name)}",
+          log.skip(split, buildlog.NO_IMAGE, name, f"no image file {files.where(name)}",
                    row.origin)
+          missing.append((name, row.origin, files.where(name)))
           continue
-        examples[split].append(common.Example(
+        examples[split].append(source_builder.Example(
             name, files.key(name), int(labels[i]), dists[i],
             row.values.astype(np.float32), row.origin))
       named = {r.name for r in rows} | {n.split("/", 1)[-1]
-                                        for n in common.bad_row_names(log, split)}
+                                        for n in label_files.bad_row_names(log, split)}
       images, others = files.listing(folder)
       unlisted = [n for n in images if n not in named]
       others = [n for n in others if n != "label.csv"]
       for n in unlisted:
-        log.note(common.IMAGE_WITHOUT_ROW, f"{folder}/{n}",
+        log.note(buildlog.IMAGE_WITHOUT_ROW, f"{folder}/{n}",
                  "image file without a label row", split)
       for n in others:
-        log.note(common.NON_IMAGE_FILE, f"{folder}/{n}",
+        log.note(buildlog.NON_IMAGE_FILE, f"{folder}/{n}",
                  "ignored: not an image file by its extension", split)
       info["images"][split] = {"images_found": len(images),
                                "images_without_row": len(unlisted),
                                "non_image_files": len(others)}
-    return common.Plan(examples, log, info, files.blobs)
+    image_files.check_missing_images(missing, num_kept, self._options["allow_missing_images"])
+    return source_builder.Plan(examples, log, info, files.blobs)
 
 
 def make_builder(data_config, data_dir: str | None = None) -> Ferplus:
   """An unprepared FER+ builder for ``config.data`` (fields in the module docstring)."""
-  path = common.require_path(data_config)
+  path = source_builder.require_path(data_config)
   protocol = data_config.get("protocol", "majority") or "majority"
   if protocol not in PROTOCOLS:
     raise ValueError(
@@ -308,6 +313,7 @@ def make_builder(data_config, data_dir: str | None = None) -> Ferplus:
     data_dir = default_data_dir()
   options = {"path": path, "protocol": protocol,
              "lenient": bool(data_config.get("lenient", False)),
+             "allow_missing_images": splits.allow_missing_images(data_config),
              "fingerprint": source_fingerprint(path)}
   return Ferplus(options=options, taxonomy=FERPLUS, num_votes=len(VOTE_COLUMNS),
                  channels=1, prefix=protocol, data_dir=data_dir)

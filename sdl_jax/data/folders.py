@@ -30,7 +30,7 @@ Config fields (``config.data``): ``path``; ``taxonomy`` (default ``'mikels8'``);
 ``distributions.DEFAULT_DISTANCE``/``DEFAULT_SIGMA``/``DEFAULT_EPS``); ``channels`` (3, or 1
 for grey sets);
 ``split_seed``, ``split_fractions``, ``split_file``, ``lenient`` (see
-``common.split_options``; a split file cannot be combined with given split folders).
+``splits.split_options``; a split file cannot be combined with given split folders).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from sdl_jax import distributions
-from sdl_jax.data import common
+from sdl_jax.data import buildlog, image_files, label_files, source_builder, splits
 from sdl_jax.emotions import get_taxonomy
 
 STRATEGY_ALIASES = {"implication": "implication", "exclusion": "exclusion",
@@ -81,7 +81,7 @@ def tree_fingerprint(path: str, exclude: str) -> str:
   return h.hexdigest()[:16]
 
 
-class Folders(common.SourceBuilder, skip_registration=True):
+class Folders(source_builder.SourceBuilder, skip_registration=True):
   """One folder per emotion; distributions from the single label by a strategy."""
 
   name = "emotion_folders"
@@ -91,13 +91,13 @@ class Folders(common.SourceBuilder, skip_registration=True):
               "Quanzeng and Luo, Jiebo and Jin, Hailin and Yang, Jianchao}, "
               "booktitle={AAAI}, year={2016}}")
 
-  def _scan(self, root: str, split: str | None, log: common.BuildLog
+  def _scan(self, root: str, split: str | None, log: buildlog.BuildLog
             ) -> list[tuple[str, int, str]]:
     """``(name, label, path)`` of the images under ``root``; the rest is logged."""
     base = self._options["path"]
-    images, others = common.list_images(root, [os.fspath(self.data_dir_root)])
+    images, others = image_files.list_images(root, [os.fspath(self.data_dir_root)])
     for other in others:
-      log.note(common.NON_IMAGE_FILE, os.path.relpath(os.path.join(root, other), base)
+      log.note(buildlog.NON_IMAGE_FILE, os.path.relpath(os.path.join(root, other), base)
                .replace(os.sep, "/"), "ignored: not an image file by its extension",
                split)
     found = []
@@ -114,19 +114,19 @@ class Folders(common.SourceBuilder, skip_registration=True):
                   f"{self._taxonomy.name!r} ({', '.join(self._taxonomy.names)})"
                   if folder else "image outside any emotion folder")
         if not self._options["lenient"]:
-          raise common.LabelFileError(
+          raise label_files.LabelFileError(
               f"{path}: {reason}; move or remove it, or set config.data.lenient=True to "
               "skip and log such images")
-        where = split or common.UNASSIGNED
+        where = split or buildlog.UNASSIGNED
         log.read(where)
-        log.skip(where, common.BAD_ROW, name, reason, path)
+        log.skip(where, buildlog.BAD_ROW, name, reason, path)
         continue
       found.append((name, label, path))
     return found
 
-  def _plan(self) -> common.Plan:
+  def _plan(self) -> source_builder.Plan:
     opts = self._options
-    log = common.BuildLog()
+    log = buildlog.BuildLog()
     given = split_dirs(opts["path"])
     if given and opts["split_file"]:
       raise ValueError(f"{opts['path']} has split folders {sorted(given)}; "
@@ -140,10 +140,10 @@ class Folders(common.SourceBuilder, skip_registration=True):
           pre_assigned[item[0]] = split
       inside = tuple(os.path.relpath(d, opts["path"]).replace(os.sep, "/") + "/"
                      for d in given.values())
-      images, _ = common.list_images(opts["path"], [os.fspath(self.data_dir_root)])
+      images, _ = image_files.list_images(opts["path"], [os.fspath(self.data_dir_root)])
       for name in images:
         if not name.startswith(inside):
-          log.note(common.IMAGE_WITHOUT_ROW, name, "image outside the split folders")
+          log.note(buildlog.IMAGE_WITHOUT_ROW, name, "image outside the split folders")
     else:
       found = self._scan(opts["path"], None, log)
     if not found:
@@ -154,20 +154,20 @@ class Folders(common.SourceBuilder, skip_registration=True):
     dists = distributions.from_single_label(
         labels, self._taxonomy, opts["strategy"], opts["sigma"], opts["eps"],
         opts.get("distance", distributions.DEFAULT_DISTANCE))
-    candidates = [common.Candidate(name, int(label), dist, None, path, path)
+    candidates = [splits.Candidate(name, int(label), dist, None, path, path)
                   for (name, label, path), dist in zip(found, dists)]
-    examples, split_info = common.assign_splits(
+    examples, split_info = splits.assign_splits(
         candidates, log, seed=opts["split_seed"], fractions=opts["split_fractions"],
         split_file=opts["split_file"], pre_assigned=pre_assigned)
     info: dict[str, Any] = {"split": split_info,
                             "split_folders": given or None,
                             "images": {"images_found": len(found)}}
-    return common.Plan(examples, log, info)
+    return source_builder.Plan(examples, log, info)
 
 
 def make_builder(data_config, data_dir: str | None = None) -> Folders:
   """An unprepared builder for an emotion-folder set (fields in the module docstring)."""
-  path = common.require_path(data_config)
+  path = source_builder.require_path(data_config)
   if not os.path.isdir(path):
     raise NotADirectoryError(f"config.data.path {path!r} must be a directory of emotion "
                              "folders")
@@ -193,10 +193,10 @@ def make_builder(data_config, data_dir: str | None = None) -> Folders:
     data_dir = default_data_dir()
   options = {"path": path, "strategy": strategy, "sigma": sigma, "eps": eps,
              "fingerprint": tree_fingerprint(path, os.fspath(data_dir)),
-             **common.split_options(data_config)}
+             **splits.split_options(data_config)}
   if distance != distributions.DEFAULT_DISTANCE:
     # Only then: the default's cache key stays that of sets built before the option.
     options["distance"] = distance
   return Folders(options=options, taxonomy=taxonomy, num_votes=None,
                  channels=int(data_config.get("channels", None) or 3),
-                 prefix=f"{strategy}_{common.split_prefix(options)}", data_dir=data_dir)
+                 prefix=f"{strategy}_{splits.split_prefix(options)}", data_dir=data_dir)

@@ -21,13 +21,16 @@ column order is assumed. ``label`` is the dominant emotion (arg-max, first on ti
 ``file_name`` is the name as written in the label file.
 
 Splits: the seeded 80/5/15 split stratified by dominant label of the paper's protocol
-(``common.stratified_split``), or an explicit ``split_file``; the split used is
-``common.split_assignment(builder)`` / ``splits.json``.
+(``splits.stratified_split``), or an explicit ``split_file``; the split used is
+``buildlog.split_assignment(builder)`` / ``splits.json``.
 
 Config fields (``config.data``): ``path`` (the data set's directory, or its label file);
 ``label_file`` (default ``ground_truth.txt`` in ``path``); ``image_dir`` (default:
-found, see ``common.find_image_root``); ``split_seed``, ``split_fractions``,
-``split_file``, ``lenient`` (see ``common.split_options``).
+found, see ``image_files.find_image_root``); ``split_seed``, ``split_fractions``,
+``split_file``, ``lenient``, ``allow_missing_images`` (see ``splits.split_options``): a
+row whose image file does not exist stops the build with an error naming the label file,
+the count and the first names, unless ``allow_missing_images`` (then such rows are skipped,
+counted and logged at WARNING).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from sdl_jax.data import common
+from sdl_jax.data import buildlog, image_files, label_files, source_builder, splits
 from sdl_jax.emotions import EMOTION6, MIKELS8, Taxonomy
 
 
@@ -67,7 +70,7 @@ FORMATS = {
 
 
 def read_ground_truth(label_file: str, fmt: LdlFormat, *, lenient: bool,
-                      log: common.BuildLog) -> list[tuple[common.Row, np.ndarray]]:
+                      log: buildlog.BuildLog) -> list[tuple[label_files.Row, np.ndarray]]:
   """Reads and validates a ``ground_truth.txt``.
 
   Returns:
@@ -77,55 +80,56 @@ def read_ground_truth(label_file: str, fmt: LdlFormat, *, lenient: bool,
   Raises:
     LabelFileError: a bad header, or (unless ``lenient``) a bad row, naming file and line.
   """
-  lines = common.read_lines(label_file)
+  lines = label_files.read_lines(label_file)
   if not lines:
-    raise common.LabelFileError(f"{label_file}: the label file is empty")
+    raise label_files.LabelFileError(f"{label_file}: the label file is empty")
   c = fmt.taxonomy.num_classes
   first_no, first = lines[0]
   perm = np.arange(c)
-  header = common.split_fields(first, "header")
-  if common.is_header(header, 1):
+  header = label_files.split_fields(first, "header")
+  if label_files.is_header(header, 1):
     lines = lines[1:]
     if len(header) != 1 + fmt.extra_columns + c:
-      raise common.LabelFileError(
+      raise label_files.LabelFileError(
           f"{label_file}:{first_no}: header has {len(header)} columns, expected "
           f"{1 + fmt.extra_columns + c} (name, {fmt.value_kind}): {header}")
-    perm = common.column_order(header[1 + fmt.extra_columns:], fmt.taxonomy,
+    perm = label_files.column_order(header[1 + fmt.extra_columns:], fmt.taxonomy,
                                f"{label_file}:{first_no}")
-  rows = common.read_value_rows(
+  rows = label_files.read_value_rows(
       label_file, lines, sep="whitespace", num_values=fmt.extra_columns + c,
       counts=slice(fmt.extra_columns, None), lenient=lenient, log=log,
       layout=f"name, {fmt.value_kind}")
   return [(r, r.values[fmt.extra_columns:][perm]) for r in rows]
 
 
-class _LdlBuilder(common.SourceBuilder, skip_registration=True):
+class _LdlBuilder(source_builder.SourceBuilder, skip_registration=True):
   """Shared by the three LDL sets; the subclass's ``name`` picks the ``FORMATS`` entry."""
 
-  def _plan(self) -> common.Plan:
+  def _plan(self) -> source_builder.Plan:
     fmt = FORMATS[self.name]
     opts = self._options
-    log = common.BuildLog()
+    log = buildlog.BuildLog()
     label_file = opts["label_file"]
     read = read_ground_truth(label_file, fmt, lenient=opts["lenient"], log=log)
     names = [r.name for r, _ in read]
-    root = common.find_image_root(opts["base"], names, label_file, opts["image_dir"])
+    root = image_files.find_image_root(opts["base"], names, label_file, opts["image_dir"])
     candidates = []
     for row, values in read:
       dist = (values / values.sum()).astype(np.float32)
-      candidates.append(common.Candidate(
+      candidates.append(splits.Candidate(
           name=row.name, label=int(np.argmax(dist)), distribution=dist,
           votes=values.astype(np.float32) if fmt.has_votes else None,
           origin=row.origin, path=os.path.join(root, row.name)))
-    examples, split_info = common.assign_splits(
+    examples, split_info = splits.assign_splits(
         candidates, log, seed=opts["split_seed"], fractions=opts["split_fractions"],
-        split_file=opts["split_file"])
+        split_file=opts["split_file"],
+        allow_missing_images=opts["allow_missing_images"])
     info: dict[str, Any] = {"label_file": label_file, "image_root": root,
                             "split": split_info}
-    info["images"] = common.note_unlisted_images(
-        log, root, set(names) | common.bad_row_names(log, common.UNASSIGNED),
+    info["images"] = image_files.note_unlisted_images(
+        log, root, set(names) | label_files.bad_row_names(log, buildlog.UNASSIGNED),
         exclude_dirs=[os.fspath(self.data_dir_root)], exclude_files=[label_file])
-    return common.Plan(examples, log, info)
+    return source_builder.Plan(examples, log, info)
 
 
 class Emotion6(_LdlBuilder, skip_registration=True):
@@ -163,7 +167,7 @@ def make_builder(data_config, data_dir: str | None = None) -> _LdlBuilder:
   name = data_config.get("name")
   if name not in BUILDER_CLASSES:
     raise ValueError(f"sdl_jax.data.ldl builds {sorted(BUILDER_CLASSES)}, not {name!r}")
-  path = common.require_path(data_config)
+  path = source_builder.require_path(data_config)
   if os.path.isfile(path):
     base, label_file = os.path.dirname(path), path
   else:
@@ -180,10 +184,10 @@ def make_builder(data_config, data_dir: str | None = None) -> _LdlBuilder:
   image_dir = data_config.get("image_dir", None) or None
   options = {"path": path, "base": base, "label_file": label_file,
              "image_dir": image_dir,
-             "fingerprint": common.stat_fingerprint([label_file]),
-             **common.split_options(data_config)}
+             "fingerprint": source_builder.stat_fingerprint([label_file]),
+             **splits.split_options(data_config)}
   fmt = FORMATS[name]
   return BUILDER_CLASSES[name](
       options=options, taxonomy=fmt.taxonomy,
       num_votes=fmt.taxonomy.num_classes if fmt.has_votes else None, channels=3,
-      prefix=common.split_prefix(options), data_dir=data_dir)
+      prefix=splits.split_prefix(options), data_dir=data_dir)

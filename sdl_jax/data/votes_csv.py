@@ -24,7 +24,8 @@ written.
 
 Config fields (``config.data``): ``path``; ``taxonomy`` (optional, see above);
 ``image_dir``; ``channels`` (3, or 1 for grey images); ``split_seed``,
-``split_fractions``, ``split_file``, ``lenient`` (see ``common.split_options``).
+``split_fractions``, ``split_file``, ``lenient``, ``allow_missing_images`` (see
+``splits.split_options``; a row naming a missing image is an error unless the latter).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from sdl_jax.data import common
+from sdl_jax.data import buildlog, image_files, label_files, source_builder, splits
 from sdl_jax.emotions import TAXONOMIES, Taxonomy, get_taxonomy
 
 EXTENSIONS = (".csv", ".txt", ".tsv", ".lst")
@@ -65,13 +66,13 @@ def find_split_files(path: str) -> dict[str, str]:
 
 def read_header(path: str) -> tuple[str, list[str] | None, int]:
   """``(separator, emotion names from the header or None, header line number or 0)``."""
-  lines = common.read_lines(path)
+  lines = label_files.read_lines(path)
   if not lines:
-    raise common.LabelFileError(f"{path}: the label file is empty")
-  sep = common.sniff_separator(lines)
+    raise label_files.LabelFileError(f"{path}: the label file is empty")
+  sep = label_files.sniff_separator(lines)
   line_no, text = lines[0]
-  fields = common.split_fields(text, sep if sep == "csv" else "header")
-  if common.is_header(fields, 1):
+  fields = label_files.split_fields(text, sep if sep == "csv" else "header")
+  if label_files.is_header(fields, 1):
     return sep, fields[1:], line_no
   return sep, None, 0
 
@@ -83,31 +84,31 @@ def resolve_taxonomy(files: dict[Any, str], taxonomy_name: str | None) -> Taxono
   if taxonomy_name:
     return get_taxonomy(taxonomy_name)
   if not named:
-    raise common.LabelFileError(
+    raise label_files.LabelFileError(
         f"{next(iter(files.values()))}: no header row naming the emotions; set "
         f"config.data.taxonomy (one of {', '.join(sorted(TAXONOMIES))})")
-  names = tuple(common.clean_emotion_name(n) for n in named[0])
+  names = tuple(label_files.clean_emotion_name(n) for n in named[0])
   for h in named[1:]:
-    if tuple(common.clean_emotion_name(n) for n in h) != names:
-      raise common.LabelFileError(f"the label files' headers differ: {named[0]} vs {h}")
+    if tuple(label_files.clean_emotion_name(n) for n in h) != names:
+      raise label_files.LabelFileError(f"the label files' headers differ: {named[0]} vs {h}")
   for t in TAXONOMIES.values():
     if sorted(n.lower() for n in t.names) == sorted(names):
       return t
   if len(set(names)) != len(names) or not all(names):
-    raise common.LabelFileError(f"header emotion names must be unique and non-empty: "
+    raise label_files.LabelFileError(f"header emotion names must be unique and non-empty: "
                                 f"{named[0]}")
   return Taxonomy(name="custom", names=names)
 
 
-class VotesCsv(common.SourceBuilder, skip_registration=True):
+class VotesCsv(source_builder.SourceBuilder, skip_registration=True):
   """Image paths with votes from CSV or list files (module docstring)."""
 
   name = "votes_csv"
   DESCRIPTION = __doc__
 
-  def _plan(self) -> common.Plan:
+  def _plan(self) -> source_builder.Plan:
     opts = self._options
-    log = common.BuildLog()
+    log = buildlog.BuildLog()
     tax = self._taxonomy
     candidates, pre_assigned, seen = [], None, {}
     files = opts["files"]
@@ -116,51 +117,52 @@ class VotesCsv(common.SourceBuilder, skip_registration=True):
     roots = {}
     for split, label_file in files.items():
       sep, header, header_line = read_header(label_file)
-      lines = common.read_lines(label_file)
+      lines = label_files.read_lines(label_file)
       perm = np.arange(tax.num_classes)
       if header is not None:
         lines = lines[1:]
-        perm = common.column_order(header, tax, f"{label_file}:{header_line}")
-      rows = common.read_value_rows(
+        perm = label_files.column_order(header, tax, f"{label_file}:{header_line}")
+      rows = label_files.read_value_rows(
           label_file, lines, sep=sep, num_values=tax.num_classes, lenient=opts["lenient"],
-          log=log, split=common.UNASSIGNED if split == "all" else split,
+          log=log, split=buildlog.UNASSIGNED if split == "all" else split,
           layout=f"path + {tax.num_classes} vote counts ({', '.join(tax.names)})")
       root = (os.path.join(os.path.dirname(label_file), opts["image_dir"])
               if opts["image_dir"] else os.path.dirname(label_file))
       roots[root] = roots.get(root, []) + [label_file]
       for row in rows:
         if row.name in seen:
-          raise common.LabelFileError(
+          raise label_files.LabelFileError(
               f"{row.origin}: duplicate image {row.name!r} (also at {seen[row.name]})")
         seen[row.name] = row.origin
         votes = row.values[perm]
         dist = (votes / votes.sum()).astype(np.float32)
-        candidates.append(common.Candidate(
+        candidates.append(splits.Candidate(
             row.name, int(np.argmax(dist)), dist, votes.astype(np.float32), row.origin,
             os.path.join(root, row.name)))
         if pre_assigned is not None:
           pre_assigned[row.name] = split
-    examples, split_info = common.assign_splits(
+    examples, split_info = splits.assign_splits(
         candidates, log, seed=opts["split_seed"], fractions=opts["split_fractions"],
-        split_file=opts["split_file"], pre_assigned=pre_assigned)
+        split_file=opts["split_file"],
+        allow_missing_images=opts["allow_missing_images"], pre_assigned=pre_assigned)
     info: dict[str, Any] = {"label_files": files, "split": split_info, "images": {}}
-    named = set(seen) | common.bad_row_names(log, common.UNASSIGNED)
-    for split in common.SPLITS:
-      named |= common.bad_row_names(log, split)
-    for root, label_files in roots.items():
+    named = set(seen) | label_files.bad_row_names(log, buildlog.UNASSIGNED)
+    for split in buildlog.SPLITS:
+      named |= label_files.bad_row_names(log, split)
+    for root in roots:
       # Names are relative to the root; images elsewhere cannot be matched, so only
       # the image root's own tree is reported.
-      info["images"][root] = common.note_unlisted_images(
+      info["images"][root] = image_files.note_unlisted_images(
           log, root, named, exclude_dirs=[os.fspath(self.data_dir_root)],
           exclude_files=list(files.values()))
-    return common.Plan(examples, log, info)
+    return source_builder.Plan(examples, log, info)
 
 
 def make_builder(data_config, data_dir: str | None = None) -> VotesCsv:
   """An unprepared builder for votes files (fields in the module docstring)."""
-  path = common.require_path(data_config)
+  path = source_builder.require_path(data_config)
   files = find_split_files(path) if os.path.isdir(path) else {"all": path}
-  split = common.split_options(data_config)
+  split = splits.split_options(data_config)
   if "all" not in files and split["split_file"]:
     raise ValueError(f"{path} holds per-split files {sorted(files)}; "
                      "config.data.split_file cannot be used with them")
@@ -170,7 +172,7 @@ def make_builder(data_config, data_dir: str | None = None) -> VotesCsv:
     data_dir = default_data_dir()
   options = {"path": path, "files": files,
              "image_dir": data_config.get("image_dir", None) or None,
-             "fingerprint": common.stat_fingerprint(files.values()), **split}
+             "fingerprint": source_builder.stat_fingerprint(files.values()), **split}
   return VotesCsv(options=options, taxonomy=taxonomy, num_votes=taxonomy.num_classes,
                   channels=int(data_config.get("channels", None) or 3),
-                  prefix=common.split_prefix(options), data_dir=data_dir)
+                  prefix=splits.split_prefix(options), data_dir=data_dir)
