@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from sdl_jax import losses
+from sdl_jax.data import buildlog
 from sdl_jax import metrics as metrics_lib
 from sdl_jax import models
 
@@ -360,7 +361,7 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
   workdir = workdir or os.path.join("workdirs", f"{config.get('name', 'run')}_probe")
   os.makedirs(workdir, exist_ok=True)
   feature_dir = config.get("probe_feature_dir") or os.path.join(workdir, "features")
-  builder = train._load_data(config)  # pylint: disable=protected-access
+  builder = train._load_data(config, workdir)  # pylint: disable=protected-access
   num_classes = builder.info.features["label"].num_classes
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -383,6 +384,7 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
       "best_metric": config.best_metric, "best_step": None,
       "validation_best": grid[best]["validation"], "test": test,
       "baselines": train.compute_baselines(builder, "test"),
+      "data_build": buildlog.build_counts(builder),
       "probe": {"weight_decay": grid[best]["weight_decay"], "grid": grid,
                 "steps": int(config.probe_steps),
                 "learning_rate": float(config.probe_learning_rate),
@@ -393,40 +395,9 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
   }
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2, default=str)
-  text = write_report(workdir, results, extra=bool(config.get("extra_measures")))
+  results["extra_measures"] = bool(config.get("extra_measures"))
+  from sdl_jax import report  # pylint: disable=g-import-not-at-top
+  text = report.write_report(workdir, results)
   print(text, flush=True)
   return results
 
-
-def write_report(workdir: str, results: dict, extra: bool = False) -> str:
-  """``report.md`` of a probe run: the head and the baselines on the test split."""
-  from sdl_jax import report  # pylint: disable=g-import-not-at-top
-  columns = report.MEASURE_COLUMNS + (metrics_lib.EXTRA_MEASURES if extra else ())
-  p = results["probe"]
-  named = {f"linear probe (weight decay {p['weight_decay']:g})": results["test"],
-           "training set's mean distribution": results["baselines"]["train_mean"],
-           "uniform distribution": results["baselines"]["uniform"]}
-  if "oracle" in results["baselines"]:
-    named["oracle floor (predict the oracle)"] = results["baselines"]["oracle"]
-  grid = [{"weight_decay": r["weight_decay"], "objective_last": r["objective_last"],
-           **{k: r["validation"][k] for k in ("accuracy", results["best_metric"])}}
-          for r in p["grid"]]
-  text = "".join([
-      f"# {results['name']}: linear probe, test split ({results['test']['count']} images)\n\n",
-      report.measures_table(named, columns),
-      f"\nFrozen `{results['model']}` (weights: {results['pretrained']}), "
-      f"{p['feature_dim']} pooled features per image"
-      f"{' and its mirror' if p['mirrored'] else ''}; a linear head trained full-batch "
-      f"with the joint loss at lam = {results['lam']} ({p['steps']} Adam steps, rate "
-      f"{p['learning_rate']:g}), weight decay chosen on validation "
-      f"{results['best_metric']}. {results['wall_time_s']:.0f} s wall time "
-      f"({p['feature_time_s']:.0f} s for the features, "
-      f"{p['feature_splits_computed']} feature file(s) computed, the rest cached).\n\n",
-      "## Weight decay grid (validation)\n\n",
-      report.markdown_table(grid, ("weight_decay", "objective_last", "accuracy",
-                                   results["best_metric"]),
-                            ["weight decay", "training objective", "accuracy",
-                             report.measure_header(results["best_metric"])])])
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(text)
-  return text

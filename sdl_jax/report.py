@@ -244,12 +244,46 @@ _TRAINING_FACTS = ("name", "model", "data", "lam", "batch_size", "num_train_step
                    "best_step", "best_metric")
 
 
+
+def probe_markdown(results: Mapping[str, Any]) -> str:
+  """The test table of a linear-probe run (``sdl_jax.probe``) and its weight-decay grid."""
+  columns = MEASURE_COLUMNS + (metrics_lib.EXTRA_MEASURES
+                               if results.get("extra_measures") else ())
+  p = results["probe"]
+  named = {f"linear probe (weight decay {p['weight_decay']:g})": results["test"],
+           "training set's mean distribution": results["baselines"]["train_mean"],
+           "uniform distribution": results["baselines"]["uniform"]}
+  if "oracle" in results["baselines"]:
+    named["oracle floor (predict the oracle)"] = results["baselines"]["oracle"]
+  grid = [{"weight_decay": r["weight_decay"], "objective_last": r["objective_last"],
+           **{k: r["validation"][k] for k in ("accuracy", results["best_metric"])}}
+          for r in p["grid"]]
+  return "".join([
+      f"# {results['name']}: linear probe, test split ({results['test']['count']} images)\n\n",
+      measures_table(named, columns),
+      f"\nFrozen `{results['model']}` (weights: {results['pretrained']}), "
+      f"{p['feature_dim']} pooled features per image"
+      f"{' and its mirror' if p['mirrored'] else ''}; a linear head trained full-batch "
+      f"with the joint loss at lam = {results['lam']} ({p['steps']} Adam steps, rate "
+      f"{p['learning_rate']:g}), weight decay chosen on validation "
+      f"{results['best_metric']}. {results['wall_time_s']:.0f} s wall time "
+      f"({p['feature_time_s']:.0f} s for the features, "
+      f"{p['feature_splits_computed']} feature file(s) computed, the rest cached).\n\n",
+      "## Weight decay grid (validation)\n\n",
+      markdown_table(grid, ("weight_decay", "objective_last", "accuracy",
+                            results["best_metric"]),
+                     ["weight decay", "training objective", "accuracy",
+                      measure_header(results["best_metric"])])])
+
+
 def report_markdown(results: Mapping[str, Any]) -> str:
   """A workdir's ``report.md`` from its ``results.json``: the training run's test table
   (once training finished), the evaluation (once ``sdl_jax.evaluate`` ran) and the data's
   row counts (``data_build``; the evaluation's own when it read other data)."""
   parts, counts = [], [results.get("data_build")]
-  if "test" in results:
+  if results.get("method") == "probe":
+    parts.append(probe_markdown(results))
+  elif "test" in results:
     parts.append(training_markdown(results))
   evaluation = results.get("evaluation")
   if evaluation:

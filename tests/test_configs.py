@@ -93,8 +93,10 @@ def test_published_presets_keep_their_own_schedule(preset):
   c = _parse(f"--config={CONFIG}:{preset}")
   assert c.num_train_steps is None and c.step_size_steps is None
   assert c.bias_decay_mult == 0.0 and c.data.distance == "wheel"
-  assert (c.model, c.schedule, c.batch_size, c.head_lr_mult) == (
-      "efficientnet_lite2", "cosine", 32, 10.0)
+  assert (c.model, c.pretrained, c.schedule, c.batch_size) == (
+      "efficientnet_lite0", "efficientnet_lite0", "cosine", 32)
+  # Linear probe, then fine-tune: the fitted head needs no 10x rate.
+  assert (c.head_init, c.head_lr_mult, c.eval_every_epochs) == ("probe", 1.0, 1.0)
 
 
 def test_overrides_from_the_command_line():

@@ -252,7 +252,7 @@ def test_head_from_probe_gives_the_probes_logits(tmp_path):
   config = _config(_hand_made_flickr(str(tmp_path / "Flickr_LDL"), n=48), tmp_path / "tfds")
   config.probe = False
   config.head_init = "probe"
-  builder = train._load_data(config)  # pylint: disable=protected-access
+  builder = train._load_data(config, str(tmp_path / "work"))  # pylint: disable=protected-access
   model = train.create_model(config, 8)
   state = train.create_train_state(train.prng_key(0), config, model, config.image_size,
                                    lambda step: 0.0)
