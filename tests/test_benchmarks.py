@@ -256,8 +256,9 @@ def test_torch_sgd_is_caffe_style_like_optax():
 
 def test_native_padding_keeps_the_function():
   torch = pytest.importorskip("torch")
-  from benchmarks.torch_train import make_model, native_padding_
-  model = make_model("small_cnn", 4, widths=(4, 8)).eval()
+  from benchmarks.torch_models import make_torch_model
+  from benchmarks.torch_train import native_padding_
+  model = make_torch_model("small_cnn", 4, widths=(4, 8)).eval()
   x = torch.randn(2, 3, 12, 12)
   want = model(x)
   model = native_padding_(model)
@@ -396,7 +397,7 @@ def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
 
 
 def test_ab_times_every_variant_each_repeat():
-  from benchmarks import ab
+  from benchmarks.tools import ab
   times = ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--repeats=2",
                    "--steps=2", '--model_kwargs={"widths": [4, 8]}',
                    "--variants=library,lax+norm=flax+xla_cpu_scheduler_type="
@@ -409,7 +410,7 @@ def test_ab_times_every_variant_each_repeat():
 
 
 def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
-  from benchmarks import layers
+  from benchmarks.tools import layers
   rows = layers.main(["--layers=6,4,4,3;6,4,8,1;7,4,4,3,2,4", "--batch=2", "--repeats=2",
                       "--pre=both", "--torch_threads=1"])
   assert [(r["layer"], r["pre"]) for r in rows] == [
@@ -426,7 +427,7 @@ def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
 
 
 def test_layers_split_times_each_direction_on_both_sides(capsys):
-  from benchmarks import layers
+  from benchmarks.tools import layers
   rows = layers.main(["--layers=6,4,4,3;7,4,4,3,2,4", "--batch=2", "--repeats=2", "--pre=yes",
                       "--split", "--torch_threads=1"])
   parts = ["forward", "input grad", "weight grad"]
@@ -456,7 +457,7 @@ PROFILE_HLO = """
 
 
 def test_profile_reads_ops_and_layers_from_the_hlo():
-  from benchmarks import profile
+  from benchmarks.tools import profile
   ops = profile.hlo_ops(PROFILE_HLO)
   assert ops == {
       "ffi_call.3": {"kind": "oneDNN conv forward", "layer": "conv0_0", "direction": "forward"},
@@ -466,7 +467,7 @@ def test_profile_reads_ops_and_layers_from_the_hlo():
 
 
 def test_profile_interval_stats_against_a_dense_count():
-  from benchmarks import profile
+  from benchmarks.tools import profile
   rng = np.random.default_rng(0)
   for _ in range(20):
     starts = rng.integers(0, 90, 6)
@@ -478,7 +479,7 @@ def test_profile_interval_stats_against_a_dense_count():
 
 
 def test_profile_summarises_a_trace_per_step():
-  from benchmarks import profile
+  from benchmarks.tools import profile
   ops = profile.hlo_ops(PROFILE_HLO)
   events = [  # two steps; microseconds; one event not of the program, one not complete
       {"ph": "X", "name": "ffi_call.3", "ts": 0, "dur": 3000},
@@ -501,7 +502,7 @@ def test_profile_summarises_a_trace_per_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_profile_smoke_run_reports_the_step_op_by_op(tmp_path, framework):
-  from benchmarks import profile
+  from benchmarks.tools import profile
   out = tmp_path / "prof.json"
   report = profile.main([f"--framework={framework}", "--model=small_cnn", "--batch=2",
                          "--image_size=16", '--model_kwargs={"widths": [4, 8]}',
@@ -542,7 +543,7 @@ PRIMITIVE_LINES = [
 
 
 def test_primitives_parses_both_verbose_layouts_and_compares_medians():
-  from benchmarks import primitives
+  from benchmarks.tools import primitives
   calls = [primitives.parse_line(l) for l in PRIMITIVE_LINES]
   assert calls[4:] == [None, None, None]
   assert calls[0] == {"primitive": "convolution", "impl": "brgconv:avx2",
@@ -567,7 +568,7 @@ def test_primitives_parses_both_verbose_layouts_and_compares_medians():
 @pytest.mark.slow
 def test_primitives_smoke_run_matches_the_two_frameworks_calls(tmp_path):
   pytest.importorskip("torch")
-  from benchmarks import primitives
+  from benchmarks.tools import primitives
   from sdl_jax.models import dnnl
   out = tmp_path / "prims.json"
   report = primitives.main(["--model=small_cnn", "--batch=2", "--image_size=16",

@@ -2,7 +2,7 @@
 // (kind 1) with the output at eight offsets modulo 4096 bytes from the input (session 15:
 // buffer placement was not why calls ran slower inside the train step). Build and run:
 //   V=$(python -c "import sys; print(sys.prefix)")
-//   c++ -O2 -std=c++17 -I$V/include benchmarks/csrc/alias.cc -o /tmp/alias -L$V/lib -Wl,-rpath,$V/lib -ldnnl
+//   c++ -O2 -std=c++17 -I$V/include benchmarks/tools/csrc/alias.cc -o /tmp/alias -L$V/lib -Wl,-rpath,$V/lib -ldnnl
 //   OMP_WAIT_POLICY=PASSIVE /tmp/alias KIND H C O       # e.g. 0 16 64 128; 1 32 32 64
 #include <chrono>
 #include <cstdio>

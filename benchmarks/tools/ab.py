@@ -4,15 +4,15 @@ variant in turn (every other repeat in reverse order), so drift of the machine's
 hits all of them alike. For changes smaller than the run-to-run spread of
 ``benchmarks.run``, whose JAX/PyTorch ratios from separate runs cannot show them.
 
-    python -m benchmarks.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
+    python -m benchmarks.tools.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
         --variants=library,dw_strided_autodiff
-    python -m benchmarks.ab --model=efficientnet_lite0 --variants=library,norm=flax
+    python -m benchmarks.tools.ab --model=efficientnet_lite0 --variants=library,norm=flax
 
 A variant is a ``--conv`` name, or ``norm=...``/``pool=...`` (``benchmarks.run``'s
 ``--norm``/``--pool``), or an XLA option for this compilation only (``xla_...=value``,
 overriding ``$XLA_FLAGS``), or several joined by ``+`` (``no_strided+norm=flax``):
 
-    python -m benchmarks.ab --model=resnet50 --repeats=5 \
+    python -m benchmarks.tools.ab --model=resnet50 --repeats=5 \
         --variants=library,xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT
 After ``--warmup`` untimed steps of each, prints each repeat's seconds per step (``--steps``
 steps of each variant per repeat, the device synchronised after them) and page faults,
@@ -35,7 +35,7 @@ from benchmarks import WARMUP_STEPS, warm_up
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.ab",
+  p = argparse.ArgumentParser(prog="python -m benchmarks.tools.ab",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="efficientnet_lite0")
   p.add_argument("--batch", type=int, default=32)
