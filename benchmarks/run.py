@@ -10,12 +10,15 @@ Sections (``--sections``, default all):
   0.9 + weight decay) for each model of ``--models``, at ``--batch`` and ``--image_size``
   (``small_cnn`` at ``--small_cnn_size``), in JAX (the library's pmapped ``train_step``
   over every local device) and in PyTorch (the same architecture from
-  ``tests/torch_reference.py``, the same loss and optimizer). After compiling and one
+  ``benchmarks.torch_models``, the same loss and optimizer). After compiling and one
   warm-up step each, ``--repeats`` timed repeats of ``--steps`` steps alternate between
   the two (JAX first on even repeats, PyTorch first on odd ones); the report gives the
   median images/s, the spread (min-max), their ratio, the compile time, FLOP/s achieved
   against this machine's measured matmul peak (model FLOPs utilisation, with model FLOPs
   = 3 x the forward pass's, counted from the layers' shapes, for both), and peak memory.
+* ``memory``: peak resident memory of the training process, the library's and PyTorch's,
+  each in a fresh process, with XLA's buffer figures and ``--memory_variants`` of the
+  library's step (remat, gradient accumulation) (``memory``).
 * ``loss``: the loss gradient alone, custom_vjp against autodiff (``loss_bench``).
 * ``pipeline``: images/s of the tf.data training pipeline (``sdl_jax.data.pipeline``) on
   small stand-in data sets built by the real TFDS builders, for the presets of
@@ -40,7 +43,7 @@ import numpy as np
 from benchmarks import torch_process  # first: it records the environment
 from sdl_jax import perf
 
-ALL_SECTIONS = ("train", "loss", "pipeline")
+ALL_SECTIONS = ("train", "memory", "loss", "pipeline")
 DEFAULT_MODELS = "small_cnn,efficientnet_lite0,resnet50,vgg16"
 
 
@@ -117,6 +120,13 @@ def parse_args(argv=None):
                       "or keeping freed memory as the library's process does (keep; "
                       "sdl_jax.perf.keep_freed_memory); with --torch_process=same it is "
                       "JAX's process's")
+  g = p.add_argument_group("memory (also takes --models, --batch, --image_size, --dtype)")
+  g.add_argument("--memory_steps", type=int, default=5,
+                 help="train steps in each memory process")
+  g.add_argument("--memory_variants",
+                 default="efficientnet_lite0:remat,efficientnet_lite0:grad_accum=4",
+                 help="extra library rows, MODEL:remat, MODEL:grad_accum=K or both joined "
+                      "by +, comma-separated (rows only for models of --models)")
   g = p.add_argument_group("loss")
   g.add_argument("--loss_sizes", default="32x8,4096x1000", help="NxC,NxC,...")
   g.add_argument("--loss_repeats", type=int, default=7)
@@ -154,6 +164,14 @@ def parse_args(argv=None):
   except (ValueError, AssertionError):
     p.error(f"--loss_sizes must look like 32x8,4096x1000, got {args.loss_sizes!r}")
   args.pipeline_presets = [s for s in args.pipeline_presets.split(",") if s]
+  try:
+    from benchmarks import memory  # pylint: disable=g-import-not-at-top
+    memory.parse_variants(args.memory_variants)
+  except ValueError as e:
+    p.error(str(e))
+  if args.memory_steps < 2:
+    p.error(f"--memory_steps must be at least 2 (growth from the first step), got "
+            f"{args.memory_steps}")
   args.loss_variants = tuple(s for s in args.loss_variants.split(",") if s)
   if args.loss_variants[:2] != ("custom_vjp", "autodiff"):
     p.error("--loss_variants must start with custom_vjp,autodiff")
@@ -485,6 +503,9 @@ def markdown(results: dict) -> str:
     lines += ["", "Each model: " + "; ".join(
         f"{r['model']} {r['repeats']} repeats x {r['steps_per_repeat']} steps"
         for r in train if "error" not in r) + " per side, interleaved; medians.", ""]
+  if results.get("memory"):
+    from benchmarks import memory  # pylint: disable=g-import-not-at-top
+    lines += memory.markdown(results["memory"])
   loss = results.get("loss")
   if loss:
     lines += ["## Loss gradient alone (d sdl_loss / d logits)", "",
@@ -532,7 +553,8 @@ def main(argv=None) -> dict:
   start = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr,
                           flush=True)
-  torch_device = pick_torch_device(args) if "train" in args.sections else None
+  torch_device = (pick_torch_device(args) if {"train", "memory"} & set(args.sections)
+                  else None)
   if torch_device:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.torch_threads or perf.cpu_count())
@@ -567,6 +589,10 @@ def main(argv=None) -> dict:
         log(f"  {name} failed: {type(e).__name__}: {e}")
         results["train"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
       save()
+  if "memory" in args.sections:
+    from benchmarks import memory  # pylint: disable=g-import-not-at-top
+    results["memory"] = memory.bench_memory(args, torch_device, model_image_size, log)
+    save()
   if "loss" in args.sections:
     from benchmarks import loss_bench  # pylint: disable=g-import-not-at-top
     results["loss"] = []

@@ -29,7 +29,7 @@ import traceback
 _START_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 
-def _child_env(malloc: str = "default") -> dict:
+def child_env(malloc: str = "default") -> dict:
   env = dict(os.environ)
   env.pop("OMP_WAIT_POLICY", None)
   if _START_WAIT_POLICY is not None:
@@ -111,7 +111,7 @@ class TorchProcess:
     malloc = perf.malloc_mode(malloc)
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
-    env = _child_env(malloc)
+    env = child_env(malloc)
     self._proc = ctx.Process(target=_serve, daemon=True,
                              args=(child, threads, args, kwargs))
     # The environment must be the child's already when it starts: before ``_serve`` runs,
