@@ -275,7 +275,9 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
          "--min_repeats=1", "--peak_n=128", "--loss_sizes=4x3,8x5", "--loss_repeats=1",
          "--loss_iters=50", "--pipeline_images=24", "--pipeline_batch=4",
          "--pipeline_batches=2", "--pipeline_image_size=16", "--pipeline_consumer=small_cnn",
-         "--jpeg_size=64x48", f"--out={out}", f"--markdown={md}"]
+         "--jpeg_size=64x48", "--memory_steps=2",
+         "--memory_variants=small_cnn:remat+grad_accum=2", f"--out={out}",
+         f"--markdown={md}"]
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -307,6 +309,8 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   assert train["ratio"] == pytest.approx(
       train["jax"]["images_per_s"]["median"] / train["torch"]["images_per_s"]["median"])
 
+  _check_memory_rows(res["memory"])
+
   assert [r["shape"] for r in res["loss"]] == [[4, 3], [8, 5]]
   for r in res["loss"]:
     for variant in ("custom_vjp", "autodiff"):
@@ -323,10 +327,38 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
     assert r["consumer"]["measured"] == "train section"
 
   report = md.read_text()
-  for heading in ("## Train step", "## Loss gradient alone", "## Input pipeline"):
+  for heading in ("## Train step", "## Training memory", "## Loss gradient alone",
+                  "## Input pipeline"):
     assert heading in report
   assert "| small_cnn | 16 | 4 | float32 |" in report
+  jax_peak, torch_peak = (res["memory"][0][s]["peak_rss"] for s in ("jax", "torch"))
+  assert (f"| small_cnn | 16 | 4 | library | {jax_peak / 2**20:.0f} | "
+          f"{torch_peak / 2**20:.0f} | {jax_peak / torch_peak:.2f}x |") in report
+  assert "| small_cnn | 16 | 4 | remat+grad_accum=2 |" in report
   assert report.strip() in proc.stdout
+
+
+def _check_memory_rows(rows):
+  """The memory section's rows of the smoke run: each figure consistent with the others."""
+  assert [(r["model"], r["variant"], r["remat"], r["grad_accum_steps"]) for r in rows] == [
+      ("small_cnn", "library", False, 1), ("small_cnn", "remat+grad_accum=2", True, 2)]
+  torch_side = rows[0]["torch"]
+  for r in rows:
+    assert "error" not in r["jax"], r["jax"].get("error")
+    assert r["torch"] == torch_side  # one PyTorch process per model
+    for side in (r["jax"], r["torch"]):
+      assert len(side["rss_after_step"]) == len(side["step_s"]) == 2
+      assert side["peak_rss"] == max(side["peak_rss_setup"], side["peak_rss_steps"])
+      assert side["peak_rss_setup"] >= side["rss_before_steps"]
+      assert side["peak_rss_steps"] >= max(side["rss_after_step"])
+      # A Python process with a framework imported holds more than 50 MiB.
+      assert side["rss_before_steps"] > 50 * 2**20
+    assert r["jax"]["params"] == r["torch"]["params"]
+    assert r["ratio"] == pytest.approx(r["jax"]["peak_rss"] / r["torch"]["peak_rss"])
+    x = r["jax"]["xla"]
+    assert x["total"] == x["arguments"] + x["outputs"] + x["temporaries"] - x["aliased"]
+    # The donated state is reused for the new state: aliased bytes hold every parameter.
+    assert x["aliased"] >= 4 * r["jax"]["params"]
 
 
 @pytest.mark.slow
