@@ -175,8 +175,10 @@ def test_timed_step_times_step_then_sync_and_their_memory():
     m = mmap.mmap(-1, 32 * 2**20)
     m.write(b"\1" * len(m))
     m.close()
+  import time  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
   seconds, growth = perf.timed_step(step, lambda: calls.append("sync"))
-  assert calls == ["step", "sync"] and seconds > 0
+  assert calls == ["step", "sync"] and 0 < seconds <= time.perf_counter() - t0
   assert growth is not None and growth >= 24 * 2**20
 
 
@@ -184,7 +186,8 @@ def test_onednn_matmul_peak_is_a_rate_where_onednn_takes_the_dtype():
   from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
   flops = perf.onednn_matmul_peak(n=64, repeats=2, inner=2)
   if dnnl.takes(1):
-    assert flops is not None and np.isfinite(flops) and flops > 0
+    # Between a megaflop and a petaflop per second: a rate, not seconds or a count.
+    assert flops is not None and 1e6 < flops < 1e15
   else:
     assert flops is None
   with dnnl.disabled():
@@ -193,7 +196,7 @@ def test_onednn_matmul_peak_is_a_rate_where_onednn_takes_the_dtype():
 
 def test_jax_matmul_peak_is_a_rate():
   flops = perf.jax_matmul_peak(n=64, repeats=2, inner=2)
-  assert np.isfinite(flops) and flops > 0
+  assert 1e6 < flops < 1e15  # a rate, not seconds or a count
 
 
 def test_cpu_isa_reads_the_flags_line_in_a_fixed_order():
@@ -292,7 +295,7 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   assert res["env"]["cpu_isa"] == perf.cpu_isa()
   from sdl_jax.models import dnnl  # pylint: disable=g-import-not-at-top
   assert res["env"]["dnnl"] == (dnnl.mode() if dnnl.available() else "off")
-  assert res["peak"]["peak"] > 0
+  assert 1e6 < res["peak"]["peak"] < 1e15
   assert res["peak"]["peak"] == max(res["peak"][k] for k in ("jax", "torch", "onednn")
                                     if k in res["peak"])
 
@@ -302,10 +305,14 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   for side in ("jax", "torch"):
     ips = train[side]["images_per_s"]
     assert len(ips["all"]) == 2 and ips["min"] <= ips["median"] <= ips["max"]
-    assert train[side]["mfu"] > 0
+    assert 0 < train[side]["mfu"] < 1
+    assert train[side]["mfu"] == pytest.approx(
+        train[side]["model_tflop_per_s"] * 1e12 / res["peak"]["peak"])
   assert train["jax"]["params"] == train["torch"]["params"]  # the same architecture
   assert train["torch"]["malloc_keep"] is False
-  assert train["jax"]["compile_s"] > 0 and train["jax"]["xla_memory"]["total"] > 0
+  assert 0 < train["jax"]["compile_s"] < 600
+  # The step's buffers hold at least the parameters and their momentum (float32).
+  assert train["jax"]["xla_memory"]["total"] >= 8 * train["jax"]["params"]
   assert train["ratio"] == pytest.approx(
       train["jax"]["images_per_s"]["median"] / train["torch"]["images_per_s"]["median"])
 
@@ -314,13 +321,15 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   assert [r["shape"] for r in res["loss"]] == [[4, 3], [8, 5]]
   for r in res["loss"]:
     for variant in ("custom_vjp", "autodiff"):
-      assert r[variant]["hlo_ops"]["total"] > 0 and r[variant]["loop_us_median"] > 0
+      ops = r[variant]["hlo_ops"]
+      assert ops["total"] >= ops["entry"] >= 1
+      assert 0 < r[variant]["loop_us_median"] < 1e6
     assert r["max_abs_diff"] < 1e-5
 
   assert [r["preset"] for r in res["pipeline"]] == ["paper", "ferplus"]
   for r in res["pipeline"]:
     assert "error" not in r, r.get("error")
-    assert r["images_per_s"] > 0 and r["ratio"] > 0
+    assert r["ratio"] == pytest.approx(r["images_per_s"] / r["consumer"]["images_per_s"])
     assert r["shapes"]["image"] == [res["env"]["local_devices"], 4 // res["env"]["local_devices"],
                                     16, 16, 3]
     # The train section measured this consumer (small_cnn, 16 px, batch 4) already.
@@ -378,7 +387,7 @@ def test_torch_process_runs_the_trainer_in_a_child_and_reports_its_errors():
     # it imports sdl_jax.
     assert child.info["freed_memory_kept"] is False
     first = child.first_step()
-    assert first["seconds"] > 0
+    assert 0 < first["seconds"] < 600
     child.step()
     child.step()
     child.sync()
@@ -436,7 +445,7 @@ def test_ab_times_every_variant_each_repeat():
                    "CPU_SCHEDULER_TYPE_DEFAULT"])
   assert set(times) == {"library",
                         "lax+norm=flax+xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
-  assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+  assert all(len(t) == 2 and 0 < min(t) and max(t) < 600 for t in times.values())
   with pytest.raises(ValueError, match="unknown setting 'speed'"):
     ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--variants=speed=2"])
 
@@ -449,7 +458,8 @@ def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
       ([6, 4, 4, 3, 1, 1], False), ([6, 4, 4, 3, 1, 1], True),
       ([6, 4, 8, 1, 1, 1], False), ([6, 4, 8, 1, 1, 1], True),
       ([7, 4, 4, 3, 2, 4], False), ([7, 4, 4, 3, 2, 4], True)]
-  assert all(len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] > 0 for r in rows)
+  assert all(len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] == pytest.approx(
+      np.median(r["torch_s"]) / np.median(r["jax_s"])) for r in rows)
   assert {r["part"] for r in rows} == {"step"}
   assert len(layers.parse_layers(layers.RESNET50)) == 12
   for bad, match in [("6,4,4", "H,Cin,Cout,K"), ("6,4,x,3", "H,Cin,Cout,K"),
@@ -465,7 +475,8 @@ def test_layers_split_times_each_direction_on_both_sides(capsys):
   parts = ["forward", "input grad", "weight grad"]
   assert [(r["layer"], r["part"]) for r in rows] == (
       [([6, 4, 4, 3, 1, 1], p) for p in parts] + [([7, 4, 4, 3, 2, 4], p) for p in parts])
-  assert all(r["pre"] and len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] > 0
+  assert all(r["pre"] and len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] == (
+      pytest.approx(np.median(r["torch_s"]) / np.median(r["jax_s"])))
              for r in rows)
   out = capsys.readouterr().out
   assert "| 7, 4->4, 3x3/2, 4 | yes | weight grad |" in out and "CPUs usable" in out
@@ -541,7 +552,9 @@ def test_profile_smoke_run_reports_the_step_op_by_op(tmp_path, framework):
                          "--steps=2", "--top=5", f"--out={out}"])
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
   r = report["result"]
-  assert len(r["step_s"]) == 2 and r["wall_ms"] > 0 and r["ops_ms"] > 0
+  assert len(r["step_s"]) == 2
+  assert r["wall_ms"] == pytest.approx(1e3 * np.median(r["step_s"]))
+  assert 0 < r["ops_ms"] < 60_000
   names = [o["name"] for o in r["ops"]]
   if framework == "torch":
     assert any("convolution" in n for n in names)
@@ -606,11 +619,12 @@ def test_primitives_smoke_run_matches_the_two_frameworks_calls(tmp_path):
   report = primitives.main(["--model=small_cnn", "--batch=2", "--image_size=16",
                             "--steps=1", "--rounds=1", f"--out={out}"])
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-  assert report["step_ms"]["jax"] > 0 and report["step_ms"]["torch"] > 0
+  assert all(0 < report["step_ms"][f] < 60_000 for f in ("jax", "torch"))
   convs = [r for r in report["rows"] if r["primitive"] == "convolution"]
   assert any(r["torch"] for r in convs)  # PyTorch's convolutions run on its oneDNN
   if dnnl.available():
     both = [r for r in convs if r["jax"] and r["torch"]]
     assert {r["direction"] for r in both} >= {"forward_training", "backward_data",
                                               "backward_weights"}
-    assert all(r["ratio"] > 0 for r in both)
+    assert all(r["ratio"] == pytest.approx(r["jax"]["median_ms"] / r["torch"]["median_ms"])
+               for r in both)
