@@ -166,13 +166,14 @@ def variant_name(settings: dict) -> str:
   return "+".join(parts) or "library"
 
 
-def bench_memory(args, torch_device, image_size, log) -> list[dict]:
+def bench_memory(args, torch_device, image_size, log, rows=None, save=lambda: None):
   """The section's rows: per model, the library's default step and PyTorch's, then the
-  library's ``--memory_variants`` of that model."""
+  library's ``--memory_variants`` of that model. Appends each to ``rows`` (returned) and
+  calls ``save()`` after it, so an interrupted run keeps the rows it finished."""
   from benchmarks import torch_process  # pylint: disable=g-import-not-at-top
   from sdl_jax import perf  # pylint: disable=g-import-not-at-top
   variants = parse_variants(args.memory_variants)
-  rows = []
+  rows = [] if rows is None else rows
   for name in args.models:
     spec = {"model": name, "batch": args.batch, "image_size": image_size(name, args),
             "num_classes": args.num_classes, "dtype": args.dtype,
@@ -198,6 +199,7 @@ def bench_memory(args, torch_device, image_size, log) -> list[dict]:
       if "peak_rss" in row["jax"] and torch_row and "peak_rss" in torch_row:
         row["ratio"] = row["jax"]["peak_rss"] / torch_row["peak_rss"]
       rows.append(row)
+      save()
   return rows
 
 

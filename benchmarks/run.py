@@ -591,8 +591,8 @@ def main(argv=None) -> dict:
       save()
   if "memory" in args.sections:
     from benchmarks import memory  # pylint: disable=g-import-not-at-top
-    results["memory"] = memory.bench_memory(args, torch_device, model_image_size, log)
-    save()
+    results["memory"] = []
+    memory.bench_memory(args, torch_device, model_image_size, log, results["memory"], save)
   if "loss" in args.sections:
     from benchmarks import loss_bench  # pylint: disable=g-import-not-at-top
     results["loss"] = []
