@@ -441,7 +441,7 @@ def _ips(s):
 def markdown(results: dict) -> str:
   env = results["env"]
   dnnl_mode = env.get("dnnl", "off")
-  dnnl_mode = {True: "all", False: "off"}.get(dnnl_mode, dnnl_mode)  # before session 9
+  dnnl_mode = {True: "all", False: "off"}.get(dnnl_mode, dnnl_mode)  # older JSON: a bool
   lines = ["## Environment", "",
            f"- command: `{env['command']}`",
            f"- devices: {', '.join(env['devices'])} ({env['device_kind']}); CPU: "

@@ -1,7 +1,7 @@
 """The PyTorch side of the train-step benchmark in a process of its own.
 
 ``benchmarks.run`` interleaves JAX's and PyTorch's repeats; run in one process the two
-slowed each other: on the 2-core AVX2 machine of session 10 EfficientNet-Lite0's JAX step
+slowed each other: on a 2-core AVX2 machine EfficientNet-Lite0's JAX step
 measured 9.10 img/s with ``--torch=none`` and 7.03 beside PyTorch, and PyTorch's 9.34
 alone and 7.89 with a JAX step between its steps (exploratory script; README,
 "Performance"). Each framework's users run it in a process of its own, so by default
