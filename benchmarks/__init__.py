@@ -4,8 +4,8 @@ import json
 
 # Untimed steps of each framework before the exploratory tools (ab, profile, primitives)
 # time any: the first steps of a large model page-fault its buffers in (ResNet-50 with
-# every convolution on oneDNN: 0.68M minor faults and +1.4 s in its first step, in
-# session 15's code also 0.71M in its second; session 16).
+# every convolution on oneDNN: 0.68M minor faults and +1.4 s in its first step, and with
+# the weight gradients unordered also 0.71M in its second).
 WARMUP_STEPS = 3
 
 

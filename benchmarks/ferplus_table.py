@@ -6,7 +6,7 @@
 * ``evalmaj_noflip_...`` / ``evalmaj_flip_...``: ``--mode=evaluate`` copies on the
   majority test split, without / with mirroring (``--config.eval_flip``);
 * ``evaldist_noflip_...`` / ``evaldist_...``: the same on the distribution-protocol test
-  split (``evaldist_`` as the preset evaluates: session 2 unmirrored, session 3 mirrored).
+  split (``evaldist_`` as the preset evaluates, mirrored if its config says so).
 
     python benchmarks/ferplus_table.py <root> [seeds, default 0,1]
 """

@@ -10,12 +10,15 @@ Sections (``--sections``, default all):
   0.9 + weight decay) for each model of ``--models``, at ``--batch`` and ``--image_size``
   (``small_cnn`` at ``--small_cnn_size``), in JAX (the library's pmapped ``train_step``
   over every local device) and in PyTorch (the same architecture from
-  ``tests/torch_reference.py``, the same loss and optimizer). After compiling and one
+  ``benchmarks.torch_models``, the same loss and optimizer). After compiling and one
   warm-up step each, ``--repeats`` timed repeats of ``--steps`` steps alternate between
   the two (JAX first on even repeats, PyTorch first on odd ones); the report gives the
   median images/s, the spread (min-max), their ratio, the compile time, FLOP/s achieved
   against this machine's measured matmul peak (model FLOPs utilisation, with model FLOPs
   = 3 x the forward pass's, counted from the layers' shapes, for both), and peak memory.
+* ``memory``: peak resident memory of the training process, the library's and PyTorch's,
+  each in a fresh process, with XLA's buffer figures and ``--memory_variants`` of the
+  library's step (remat, gradient accumulation) (``memory``).
 * ``loss``: the loss gradient alone, custom_vjp against autodiff (``loss_bench``).
 * ``pipeline``: images/s of the tf.data training pipeline (``sdl_jax.data.pipeline``) on
   small stand-in data sets built by the real TFDS builders, for the presets of
@@ -41,7 +44,7 @@ from benchmarks import torch_process  # first: it records the environment
 from sdl_jax import cpu, perf
 from sdl_jax.cpu import process
 
-ALL_SECTIONS = ("train", "loss", "pipeline")
+ALL_SECTIONS = ("train", "memory", "loss", "pipeline")
 DEFAULT_MODELS = "small_cnn,efficientnet_lite0,resnet50,vgg16"
 
 
@@ -82,21 +85,6 @@ def parse_args(argv=None):
   g.add_argument("--parallel", default="pmap", choices=("pmap", "jit"),
                  help="data parallelism of the local step")
   g.add_argument("--no_donate", action="store_true", help="local step: no donation")
-  g.add_argument("--conv", default="library",
-                 help="convolution implementation swapped into the models, for experiments "
-                      "(benchmarks/conv_variants.py): library, no_dnnl, lax, tap_matmul_dw, "
-                      "dw_batch_split, no_pointwise, no_strided, taps_autodiff, "
-                      "dw_strided_autodiff")
-  g.add_argument("--norm", default="library",
-                 choices=["library", "flax", "no_stored", "session15"],
-                 help="The BatchNorm of ResNet-50, EfficientNet-Lite and the small CNN: library "
-                      "(hand-written gradient, activation and residual fused), flax "
-                      "(flax.linen.BatchNorm, autodiff), no_stored (library, block outputs "
-                      "not dnnl.stored) or session15 (no_stored, and its gradient summing "
-                      "g (x - mean))")
-  g.add_argument("--pool", default="library", choices=["library", "autodiff"],
-                 help="ResNet-50's 3x3/2 max-pool, for experiments: library (hand-written "
-                      "gradient) or autodiff (of nine strided slices)")
   g.add_argument("--kernels", default="", choices=("", "auto", "cpu", "xla"),
                  help="the models' layer implementations (sdl_jax/cpu/paths.py): cpu "
                       "(hand-written XLA:CPU paths), xla (XLA's own ops) or auto (cpu on "
@@ -116,8 +104,15 @@ def parse_args(argv=None):
   g.add_argument("--torch_malloc", default="default", choices=("default", "keep"),
                  help="glibc's allocator in PyTorch's process: as PyTorch runs it (default) "
                       "or keeping freed memory as the library's process does (keep; "
-                      "sdl_jax.perf.keep_freed_memory); with --torch_process=same it is "
+                      "sdl_jax.cpu.process.keep_freed_memory); with --torch_process=same it is "
                       "JAX's process's")
+  g = p.add_argument_group("memory (also takes --models, --batch, --image_size, --dtype)")
+  g.add_argument("--memory_steps", type=int, default=5,
+                 help="train steps in each memory process")
+  g.add_argument("--memory_variants",
+                 default="efficientnet_lite0:remat,efficientnet_lite0:grad_accum=4",
+                 help="extra library rows, MODEL:remat, MODEL:grad_accum=K or both joined "
+                      "by +, comma-separated (rows only for models of --models)")
   g = p.add_argument_group("loss")
   g.add_argument("--loss_sizes", default="32x8,4096x1000", help="NxC,NxC,...")
   g.add_argument("--loss_repeats", type=int, default=7)
@@ -155,6 +150,14 @@ def parse_args(argv=None):
   except (ValueError, AssertionError):
     p.error(f"--loss_sizes must look like 32x8,4096x1000, got {args.loss_sizes!r}")
   args.pipeline_presets = [s for s in args.pipeline_presets.split(",") if s]
+  try:
+    from benchmarks import memory  # pylint: disable=g-import-not-at-top
+    memory.parse_variants(args.memory_variants)
+  except ValueError as e:
+    p.error(str(e))
+  if args.memory_steps < 2:
+    p.error(f"--memory_steps must be at least 2 (growth from the first step), got "
+            f"{args.memory_steps}")
   args.loss_variants = tuple(s for s in args.loss_variants.split(",") if s)
   if args.loss_variants[:2] != ("custom_vjp", "autodiff"):
     p.error("--loss_variants must start with custom_vjp,autodiff")
@@ -188,9 +191,6 @@ def environment(args, torch_device) -> dict:
       "local_devices": jax.local_device_count(),
       "device_kind": jax.local_devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "conv": args.conv,
-      "norm": args.norm,
-      "pool": args.pool,
       "kernels": kernels.mode(),
       "hand_paths": kernels.hand_paths(),
       # Which convolutions the library sends to oneDNN here: all, xla_wgrad, grouped or off.
@@ -198,7 +198,7 @@ def environment(args, torch_device) -> dict:
       "onednn": dnnl.version_string() if kernels.hand_paths() and dnnl.available() else None,
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
-      # Whether glibc keeps freed memory in this process (sdl_jax.perf.keep_freed_memory).
+      # Whether glibc keeps freed memory in this process (sdl_jax.cpu.process.keep_freed_memory).
       "malloc_keep": process.freed_memory_kept(),
   }
   try:
@@ -425,7 +425,7 @@ def _ips(s):
 def markdown(results: dict) -> str:
   env = results["env"]
   dnnl_mode = env.get("dnnl", "off")
-  dnnl_mode = {True: "all", False: "off"}.get(dnnl_mode, dnnl_mode)  # before session 9
+  dnnl_mode = {True: "all", False: "off"}.get(dnnl_mode, dnnl_mode)  # older JSON: a bool
   lines = ["## Environment", "",
            f"- command: `{env['command']}`",
            f"- devices: {', '.join(env['devices'])} ({env['device_kind']}); CPU: "
@@ -438,17 +438,13 @@ def markdown(results: dict) -> str:
               f"inter-op, {env['torch_layout']}, in "
               + ("a process of its own" if env.get("torch_process") == "separate"
                  else "the same process as JAX") if env.get("torch") else ""),
-           "- glibc malloc keeps freed memory (`sdl_jax.perf.keep_freed_memory`): "
+           "- glibc malloc keeps freed memory (`sdl_jax.cpu.process.keep_freed_memory`): "
            + _yes_no(env.get("malloc_keep")) + " in JAX's process"
            + (f", {_yes_no(env.get('torch_malloc_keep'))} in PyTorch's"
               if env.get("torch") else ""),
-           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: {env['conv']}"
-           + (f" ({' '.join(filter(None, ['oneDNN', env.get('onednn')]))} for {dnnl_mode} "
-              "convolutions where the variant takes the library path)"
-              if dnnl_mode != "off" else "")
-           + "; "
-           f"ResNet BatchNorm: {env.get('norm', 'library')}, "
-           f"max-pool: {env.get('pool', 'library')}",
+           f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; convolutions: "
+           + (f"{' '.join(filter(None, ['oneDNN', env.get('onednn')]))} for {dnnl_mode} "
+              "convolutions" if dnnl_mode != "off" else "XLA's"),
            ""]
   peak = results.get("peak")
   if peak:
@@ -487,6 +483,9 @@ def markdown(results: dict) -> str:
     lines += ["", "Each model: " + "; ".join(
         f"{r['model']} {r['repeats']} repeats x {r['steps_per_repeat']} steps"
         for r in train if "error" not in r) + " per side, interleaved; medians.", ""]
+  if results.get("memory"):
+    from benchmarks import memory  # pylint: disable=g-import-not-at-top
+    lines += memory.markdown(results["memory"])
   loss = results.get("loss")
   if loss:
     lines += ["## Loss gradient alone (d sdl_loss / d logits)", "",
@@ -535,18 +534,13 @@ def main(argv=None) -> dict:
   start = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr,
                           flush=True)
-  torch_device = pick_torch_device(args) if "train" in args.sections else None
+  torch_device = (pick_torch_device(args) if {"train", "memory"} & set(args.sections)
+                  else None)
   if torch_device:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.torch_threads or perf.cpu_count())
   if args.kernels:
     os.environ["SDL_JAX_KERNELS"] = args.kernels  # sdl_jax.cpu.paths.ENV
-  if args.conv != "library":
-    from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
-    conv_variants.use(args.conv)
-  if (args.norm, args.pool) != ("library", "library"):
-    from benchmarks import conv_variants  # pylint: disable=g-import-not-at-top
-    conv_variants.use_model_ops(args.norm, args.pool)
   results = {"env": environment(args, torch_device)}
   log(f"devices: {results['env']['devices']}")
 
@@ -570,6 +564,10 @@ def main(argv=None) -> dict:
         log(f"  {name} failed: {type(e).__name__}: {e}")
         results["train"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
       save()
+  if "memory" in args.sections:
+    from benchmarks import memory  # pylint: disable=g-import-not-at-top
+    results["memory"] = []
+    memory.bench_memory(args, torch_device, model_image_size, log, results["memory"], save)
   if "loss" in args.sections:
     from benchmarks import loss_bench  # pylint: disable=g-import-not-at-top
     results["loss"] = []

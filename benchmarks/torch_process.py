@@ -1,7 +1,7 @@
 """The PyTorch side of the train-step benchmark in a process of its own.
 
 ``benchmarks.run`` interleaves JAX's and PyTorch's repeats; run in one process the two
-slowed each other: on the 2-core AVX2 machine of session 10 EfficientNet-Lite0's JAX step
+slowed each other: on a 2-core AVX2 machine EfficientNet-Lite0's JAX step
 measured 9.10 img/s with ``--torch=none`` and 7.03 beside PyTorch, and PyTorch's 9.34
 alone and 7.89 with a JAX step between its steps (exploratory script; README,
 "Performance"). Each framework's users run it in a process of its own, so by default
@@ -29,7 +29,7 @@ import traceback
 _START_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 
-def _child_env(malloc: str = "default") -> dict:
+def child_env(malloc: str = "default") -> dict:
   env = dict(os.environ)
   env.pop("OMP_WAIT_POLICY", None)
   if _START_WAIT_POLICY is not None:
@@ -113,7 +113,7 @@ class TorchProcess:
     malloc = process.check_malloc(malloc, "malloc")
     ctx = multiprocessing.get_context("spawn")
     self._conn, child = ctx.Pipe()
-    env = _child_env(malloc)
+    env = child_env(malloc)
     self._proc = ctx.Process(target=_serve, daemon=True,
                              args=(child, threads, args, kwargs))
     # The environment must be the child's already when it starts: spawn imports this

@@ -1,8 +1,7 @@
 """The PyTorch side of the train-step benchmark: same architecture, loss and optimizer.
 
-The models come from ``tests/torch_reference.py`` (the PyTorch reference implementations
-the tests compare the flax backbones against) where it defines them; ``small_cnn`` has a
-local twin here so the benchmark runs before that file exists.
+The models come from ``benchmarks.torch_models`` (the PyTorch twins the tests compare the
+flax backbones against).
 
 One step is: forward (train mode: BatchNorm batch statistics, dropout), the joint loss
 
@@ -16,16 +15,11 @@ optax.sgd(lr, momentum=0.9))`` does.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
+from benchmarks.torch_models import make_torch_model
 
 
 def sdl_loss(logits, labels, distributions, lam: float = 0.8):
@@ -36,54 +30,6 @@ def sdl_loss(logits, labels, distributions, lam: float = 0.8):
   y = y * (labels >= 0).to(logp.dtype)[:, None]
   t = (1 - lam) * y + lam * distributions
   return -(t * logp).sum() / logits.shape[0]
-
-
-class SmallCNN(nn.Module):
-  """Twin of ``sdl_jax.models.small_cnn.SmallCNN``: (conv3x3-BN-ReLU) x 2 then a 2x2
-  max-pool per width, global average pool, dropout, linear head."""
-
-  def __init__(self, num_classes: int, widths: Sequence[int] = (32, 64, 128),
-               dropout_rate: float = 0.3, stem_stride: int = 1):
-    super().__init__()
-    layers, cin = [], 3
-    for i, w in enumerate(widths):
-      for j in range(2):
-        stride = stem_stride if i == j == 0 else 1
-        layers += [nn.Conv2d(cin, w, 3, stride=stride, padding=1, bias=False),
-                   # flax momentum 0.9 is torch momentum 0.1.
-                   nn.BatchNorm2d(w, eps=1e-5, momentum=0.1), nn.ReLU(inplace=True)]
-        cin = w
-      layers.append(nn.MaxPool2d(2))
-    self.features = nn.Sequential(*layers)
-    self.dropout = nn.Dropout(dropout_rate)
-    self.head = nn.Linear(cin, num_classes)
-
-  def forward(self, x):
-    x = self.features(x).mean(dim=(2, 3))
-    return self.head(self.dropout(x))
-
-
-def _reference_module():
-  """``tests/torch_reference.py`` as a module, or None if it is not there."""
-  if not _REFERENCE.exists():
-    return None
-  name = "sdl_jax_torch_reference"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, _REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
-def make_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """The PyTorch twin of the flax backbone ``name`` (``kwargs`` as the flax module's)."""
-  ref = _reference_module()
-  if ref is not None:
-    return ref.make_torch_model(name, num_classes, **kwargs)
-  if name == "small_cnn":
-    return SmallCNN(num_classes, **kwargs)
-  raise ValueError(f"no PyTorch twin of model {name!r}: {_REFERENCE} is missing")
 
 
 def native_padding_(model: nn.Module) -> nn.Module:
@@ -133,7 +79,7 @@ class TorchTrainer:
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     self.device = torch.device(device)
-    model = native_padding_(make_model(name, num_classes, **dict(model_kwargs or {})))
+    model = native_padding_(make_torch_model(name, num_classes, **dict(model_kwargs or {})))
     self.model = model.to(self.device, memory_format=fmt).train()
     self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9,
                                weight_decay=weight_decay)

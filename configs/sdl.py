@@ -74,6 +74,16 @@ def _base() -> ml_collections.ConfigDict:
   c.head_lr_mult = 10.0      # new head's rate multiplier (fine-tuning)
   c.bias_lr_mult = 2.0       # biases' rate multiplier, as in Caffe prototxts
   c.bias_decay_mult = 0.0    # biases' weight-decay multiplier (Caffe's decay_mult)
+  # Training memory (sdl_jax.train.train_step). remat: recompute the forward pass in the
+  # backward one, keeping only XLA's convolutions' and matrix products' outputs (on the
+  # CPU the library's own convolutions are not among them, and EfficientNet-Lite0's peak
+  # RSS rose: benchmarks/results/2026-12-05_epyc-zen3_memory.md). grad_accum_steps:
+  # split each device's batch into this many micro-batches run one after the other,
+  # their gradients averaged before one update (Lite0 at batch 32 with 4: peak RSS 2.0
+  # instead of 2.8 GiB; the same update as the whole batch for models without BatchNorm,
+  # which normalises each micro-batch by its own statistics).
+  c.remat = False
+  c.grad_accum_steps = 1
 
   # Input pipeline.
   c.image_size = 224

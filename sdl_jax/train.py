@@ -152,7 +152,76 @@ def _variables(state, params=None):
   return v
 
 
-def train_step(state: TrainState, batch, *, lam: float, rng):
+# What a rematerialised forward pass keeps for the backward pass (``config.remat``): the
+# outputs of matrix products and convolutions; the BatchNorm, activation and pooling
+# results between them are recomputed from those. (Saving nothing would recompute the
+# whole forward pass inside the backward one and hold all of it at once again.) The
+# library's CPU convolutions are custom calls the policy does not see: there the forward
+# pass is recomputed whole and the peak does not drop (EfficientNet-Lite0, batch 32: XLA
+# temporaries 1651 -> 1827 MiB); what would help is remat per block inside the models.
+REMAT_POLICY = jax.checkpoint_policies.dots_saveable
+
+
+def _forward(state: TrainState, remat: bool):
+  """``(params, batch_stats, images, key) -> (logits, new batch_stats)``: the model in train
+  mode, under ``jax.checkpoint(policy=REMAT_POLICY)`` when ``remat``."""
+
+  def forward(params, batch_stats, images, key):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits, updates = state.apply_fn(variables, images, train=True, rngs={"dropout": key},
+                                     mutable=["batch_stats"])
+    return logits, updates.get("batch_stats", batch_stats)
+
+  return jax.checkpoint(forward, policy=REMAT_POLICY) if remat else forward
+
+
+def _grads(forward, params, batch_stats, batch, key, lam):
+  """Gradient of ``sdl_loss`` (the batch mean) w.r.t. ``params`` on one batch, with the
+  logits ``[b, C]`` and the batch statistics after it."""
+
+  def loss_fn(p):
+    logits, new_stats = forward(p, batch_stats, batch["image"], key)
+    return losses.sdl_loss(logits, batch["label"], batch["distribution"], lam), (
+        logits, new_stats)
+
+  (_, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return grads, logits, new_stats
+
+
+def _accumulated_grads(forward, params, batch_stats, batch, key, lam, steps: int):
+  """Mean of the gradients of ``steps`` equal micro-batches of ``batch``, one after the
+  other in a ``lax.scan`` (one micro-batch's activations live at a time).
+
+  Each micro-batch's loss is a mean over its ``b / steps`` rows, so the mean of their
+  gradients is the gradient of the mean loss over all ``b`` rows: exactly one step on the
+  whole batch for a model whose forward pass treats rows independently. BatchNorm in
+  train mode does not: it normalises each micro-batch by its own statistics, and the
+  running statistics are updated once per micro-batch. Dropout draws with
+  ``fold_in(key, i)`` for micro-batch ``i``.
+  """
+  b = batch["image"].shape[0]
+  if b % steps:
+    raise ValueError(f"config.grad_accum_steps={steps} must divide the per-device batch "
+                     f"of {b} rows (config.batch_size over the devices)")
+  micro = jax.tree_util.tree_map(lambda x: x.reshape((steps, b // steps) + x.shape[1:]),
+                                 batch)
+
+  def body(carry, xs):
+    grad_sum, stats = carry
+    i, mb = xs
+    grads, logits, stats = _grads(forward, params, stats, mb, jax.random.fold_in(key, i),
+                                  lam)
+    return (jax.tree_util.tree_map(jnp.add, grad_sum, grads), stats), logits
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  (grad_sum, stats), logits = jax.lax.scan(body, (zeros, batch_stats),
+                                           (jnp.arange(steps), micro))
+  grads = jax.tree_util.tree_map(lambda g: g / steps, grad_sum)
+  return grads, logits.reshape((b,) + logits.shape[2:]), stats
+
+
+def train_step(state: TrainState, batch, *, lam: float, rng, remat: bool = False,
+               grad_accum_steps: int = 1):
   """One SGD step on a per-device batch; gradients ``pmean``-ed over ``AXIS``.
 
   Args:
@@ -161,23 +230,25 @@ def train_step(state: TrainState, batch, *, lam: float, rng):
       float32 ``[b, C]``, ``mask`` float32 ``[b]`` (all ones while training).
     lam: the joint loss's mixing weight.
     rng: base PRNG key; the dropout key is ``fold_in(fold_in(rng, step), device)``.
+    remat: recompute the forward pass's elementwise results in the backward pass
+      (``REMAT_POLICY``): less memory, more compute.
+    grad_accum_steps: split the batch into this many micro-batches and average their
+      gradients before the one update (``_accumulated_grads``; BatchNorm caveat there).
 
   Returns:
     (new state, metric sums over the global batch, as ``metrics.batch_sums``).
   """
   key = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
-
-  def loss_fn(params):
-    out, updates = state.apply_fn(_variables(state, params), batch["image"], train=True,
-                                  rngs={"dropout": key}, mutable=["batch_stats"])
-    loss = losses.sdl_loss(out, batch["label"], batch["distribution"], lam)
-    return loss, (out, updates)
-
-  (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  forward = _forward(state, remat)
+  if grad_accum_steps == 1:
+    grads, logits, stats = _grads(forward, state.params, state.batch_stats, batch, key, lam)
+  else:
+    grads, logits, stats = _accumulated_grads(forward, state.params, state.batch_stats,
+                                              batch, key, lam, grad_accum_steps)
   grads = jax.lax.pmean(grads, AXIS)
   new_state = state.apply_gradients(grads=grads)
   if state.batch_stats:
-    new_state = new_state.replace(batch_stats=updates["batch_stats"])
+    new_state = new_state.replace(batch_stats=stats)
   per_example = losses.per_example_loss(logits, batch["label"], batch["distribution"], lam)
   sums = metrics_lib.batch_sums(jax.nn.softmax(logits), batch["label"],
                                 batch["distribution"], batch["mask"], loss=per_example)
@@ -212,7 +283,9 @@ def sync_batch_stats(state: TrainState) -> TrainState:
 def make_pmapped_steps(config):
   """``(p_train_step, p_eval_step)``: pmapped over AXIS, the train state donated."""
   rng = prng_key(config.seed)
-  p_train = jax.pmap(functools.partial(train_step, lam=float(config.lam), rng=rng),
+  p_train = jax.pmap(functools.partial(
+      train_step, lam=float(config.lam), rng=rng, remat=bool(config.get("remat", False)),
+      grad_accum_steps=int(config.get("grad_accum_steps", 1))),
                      axis_name=AXIS, donate_argnums=(0,))
   p_eval = jax.pmap(functools.partial(eval_step, lam=float(config.lam),
                                       flip=bool(config.get("eval_flip", False))),
@@ -369,11 +442,25 @@ def validate_config(config) -> None:
     raise ValueError(f"config.head_init must be 'random' or 'probe', got {config.head_init!r}")
   if config.get("eval_every_epochs") is not None and float(config.eval_every_epochs) <= 0:
     raise ValueError(f"config.eval_every_epochs must be positive, got {config.eval_every_epochs}")
+  validate_step_config(config)
   models.get_spec(config.model)
   if config.model != "small_cnn" and not config.get("pretrained"):
     logging.warning(
         "training %s from scratch: the paper fine-tunes ImageNet weights; pass "
         "--config.pretrained=/path/to/weights (see sdl_jax/weights.py)", config.model)
+
+
+def validate_step_config(config) -> None:
+  """Clear errors for the train step's memory settings, ``remat`` and ``grad_accum_steps``."""
+  remat = config.get("remat", False)
+  if not isinstance(remat, bool):
+    raise ValueError(f"config.remat must be True or False, got {remat!r}")
+  k = config.get("grad_accum_steps", 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f"config.grad_accum_steps must be an integer >= 1, got {k!r}")
+  if int(config.batch_size) % k:
+    raise ValueError(f"config.grad_accum_steps={k} must divide config.batch_size="
+                     f"{config.batch_size} (each device's share too)")
 
 
 def quiet_library_logs() -> None:

@@ -87,8 +87,10 @@ def test_timed_step_times_step_then_sync_and_their_memory():
     m = mmap.mmap(-1, 32 * 2**20)
     m.write(b"\1" * len(m))
     m.close()
+  import time  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
   seconds, growth = perf.timed_step(step, lambda: calls.append("sync"))
-  assert calls == ["step", "sync"] and seconds > 0
+  assert calls == ["step", "sync"] and 0 < seconds <= time.perf_counter() - t0
   assert growth is not None and growth >= 24 * 2**20
 
 
@@ -96,7 +98,8 @@ def test_onednn_matmul_peak_is_a_rate_where_onednn_takes_the_dtype():
   from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
   flops = perf.onednn_matmul_peak(n=64, repeats=2, inner=2)
   if dnnl.takes(1):
-    assert flops is not None and np.isfinite(flops) and flops > 0
+    # Between a megaflop and a petaflop per second: a rate, not seconds or a count.
+    assert flops is not None and 1e6 < flops < 1e15
   else:
     assert flops is None
   with dnnl.disabled():
@@ -105,7 +108,7 @@ def test_onednn_matmul_peak_is_a_rate_where_onednn_takes_the_dtype():
 
 def test_jax_matmul_peak_is_a_rate():
   flops = perf.jax_matmul_peak(n=64, repeats=2, inner=2)
-  assert np.isfinite(flops) and flops > 0
+  assert 1e6 < flops < 1e15  # a rate, not seconds or a count
 
 
 def test_cpu_isa_reads_the_flags_line_in_a_fixed_order():
@@ -168,8 +171,9 @@ def test_torch_sgd_is_caffe_style_like_optax():
 
 def test_native_padding_keeps_the_function():
   torch = pytest.importorskip("torch")
-  from benchmarks.torch_train import make_model, native_padding_
-  model = make_model("small_cnn", 4, widths=(4, 8)).eval()
+  from benchmarks.torch_models import make_torch_model
+  from benchmarks.torch_train import native_padding_
+  model = make_torch_model("small_cnn", 4, widths=(4, 8)).eval()
   x = torch.randn(2, 3, 12, 12)
   want = model(x)
   model = native_padding_(model)
@@ -186,7 +190,9 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
          "--min_repeats=1", "--peak_n=128", "--loss_sizes=4x3,8x5", "--loss_repeats=1",
          "--loss_iters=50", "--pipeline_images=24", "--pipeline_batch=4",
          "--pipeline_batches=2", "--pipeline_image_size=16", "--pipeline_consumer=small_cnn",
-         "--jpeg_size=64x48", f"--out={out}", f"--markdown={md}"]
+         "--jpeg_size=64x48", "--memory_steps=2",
+         "--memory_variants=small_cnn:remat+grad_accum=2", f"--out={out}",
+         f"--markdown={md}"]
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
              SDL_JAX_MALLOC="keep")
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -202,7 +208,7 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   assert res["env"]["cpu_isa"] == perf.cpu_isa()
   from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
   assert res["env"]["dnnl"] == (dnnl.mode() if dnnl.available() else "off")
-  assert res["peak"]["peak"] > 0
+  assert 1e6 < res["peak"]["peak"] < 1e15
   assert res["peak"]["peak"] == max(res["peak"][k] for k in ("jax", "torch", "onednn")
                                     if k in res["peak"])
 
@@ -212,33 +218,69 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   for side in ("jax", "torch"):
     ips = train[side]["images_per_s"]
     assert len(ips["all"]) == 2 and ips["min"] <= ips["median"] <= ips["max"]
-    assert train[side]["mfu"] > 0
+    assert 0 < train[side]["mfu"] < 1
+    assert train[side]["mfu"] == pytest.approx(
+        train[side]["model_tflop_per_s"] * 1e12 / res["peak"]["peak"])
   assert train["jax"]["params"] == train["torch"]["params"]  # the same architecture
   assert train["torch"]["malloc_keep"] is False
-  assert train["jax"]["compile_s"] > 0 and train["jax"]["xla_memory"]["total"] > 0
+  assert 0 < train["jax"]["compile_s"] < 600
+  # The step's buffers hold at least the parameters and their momentum (float32).
+  assert train["jax"]["xla_memory"]["total"] >= 8 * train["jax"]["params"]
   assert train["ratio"] == pytest.approx(
       train["jax"]["images_per_s"]["median"] / train["torch"]["images_per_s"]["median"])
+
+  _check_memory_rows(res["memory"])
 
   assert [r["shape"] for r in res["loss"]] == [[4, 3], [8, 5]]
   for r in res["loss"]:
     for variant in ("custom_vjp", "autodiff"):
-      assert r[variant]["hlo_ops"]["total"] > 0 and r[variant]["loop_us_median"] > 0
+      ops = r[variant]["hlo_ops"]
+      assert ops["total"] >= ops["entry"] >= 1
+      assert 0 < r[variant]["loop_us_median"] < 1e6
     assert r["max_abs_diff"] < 1e-5
 
   assert [r["preset"] for r in res["pipeline"]] == ["paper", "ferplus"]
   for r in res["pipeline"]:
     assert "error" not in r, r.get("error")
-    assert r["images_per_s"] > 0 and r["ratio"] > 0
+    assert r["ratio"] == pytest.approx(r["images_per_s"] / r["consumer"]["images_per_s"])
     assert r["shapes"]["image"] == [res["env"]["local_devices"], 4 // res["env"]["local_devices"],
                                     16, 16, 3]
     # The train section measured this consumer (small_cnn, 16 px, batch 4) already.
     assert r["consumer"]["measured"] == "train section"
 
   report = md.read_text()
-  for heading in ("## Train step", "## Loss gradient alone", "## Input pipeline"):
+  for heading in ("## Train step", "## Training memory", "## Loss gradient alone",
+                  "## Input pipeline"):
     assert heading in report
   assert "| small_cnn | 16 | 4 | float32 |" in report
+  jax_peak, torch_peak = (res["memory"][0][s]["peak_rss"] for s in ("jax", "torch"))
+  assert (f"| small_cnn | 16 | 4 | library | {jax_peak / 2**20:.0f} | "
+          f"{torch_peak / 2**20:.0f} | {jax_peak / torch_peak:.2f}x |") in report
+  assert "| small_cnn | 16 | 4 | remat+grad_accum=2 |" in report
   assert report.strip() in proc.stdout
+
+
+def _check_memory_rows(rows):
+  """The memory section's rows of the smoke run: each figure consistent with the others."""
+  assert [(r["model"], r["variant"], r["remat"], r["grad_accum_steps"]) for r in rows] == [
+      ("small_cnn", "library", False, 1), ("small_cnn", "remat+grad_accum=2", True, 2)]
+  torch_side = rows[0]["torch"]
+  for r in rows:
+    assert "error" not in r["jax"], r["jax"].get("error")
+    assert r["torch"] == torch_side  # one PyTorch process per model
+    for side in (r["jax"], r["torch"]):
+      assert len(side["rss_after_step"]) == len(side["step_s"]) == 2
+      assert side["peak_rss"] == max(side["peak_rss_setup"], side["peak_rss_steps"])
+      assert side["peak_rss_setup"] >= side["rss_before_steps"]
+      assert side["peak_rss_steps"] >= max(side["rss_after_step"])
+      # A Python process with a framework imported holds more than 50 MiB.
+      assert side["rss_before_steps"] > 50 * 2**20
+    assert r["jax"]["params"] == r["torch"]["params"]
+    assert r["ratio"] == pytest.approx(r["jax"]["peak_rss"] / r["torch"]["peak_rss"])
+    x = r["jax"]["xla"]
+    assert x["total"] == x["arguments"] + x["outputs"] + x["temporaries"] - x["aliased"]
+    # The donated state is reused for the new state: aliased bytes hold every parameter.
+    assert x["aliased"] >= 4 * r["jax"]["params"]
 
 
 @pytest.mark.slow
@@ -258,7 +300,7 @@ def test_torch_process_runs_the_trainer_in_a_child_and_reports_its_errors():
     # it imports sdl_jax.
     assert child.info["freed_memory_kept"] is False
     first = child.first_step()
-    assert first["seconds"] > 0
+    assert 0 < first["seconds"] < 600
     child.step()
     child.step()
     child.sync()
@@ -288,28 +330,29 @@ def test_train_arrays_runs_the_library_steps_from_an_npz(tmp_path):
 
 
 def test_ab_times_every_variant_each_repeat():
-  from benchmarks import ab
+  from benchmarks.tools import ab
   times = ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", "--repeats=2",
                    "--steps=2", '--model_kwargs={"widths": [4, 8]}',
                    "--variants=library,kernels=xla+dnnl=off+xla_cpu_scheduler_type="
                    "CPU_SCHEDULER_TYPE_DEFAULT"])
   assert set(times) == {"library",
                         "kernels=xla+dnnl=off+xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
-  assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+  assert all(len(t) == 2 and 0 < min(t) and max(t) < 600 for t in times.values())
   for bad in ("speed=2", "lax", "norm=flax"):  # the removed layer variants among them
     with pytest.raises(ValueError, match=f"unknown setting '{bad}'"):
       ab.main(["--model=small_cnn", "--batch=2", "--image_size=16", f"--variants={bad}"])
 
 
 def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
-  from benchmarks import layers
+  from benchmarks.tools import layers
   rows = layers.main(["--layers=6,4,4,3;6,4,8,1;7,4,4,3,2,4", "--batch=2", "--repeats=2",
                       "--pre=both", "--torch_threads=1"])
   assert [(r["layer"], r["pre"]) for r in rows] == [
       ([6, 4, 4, 3, 1, 1], False), ([6, 4, 4, 3, 1, 1], True),
       ([6, 4, 8, 1, 1, 1], False), ([6, 4, 8, 1, 1, 1], True),
       ([7, 4, 4, 3, 2, 4], False), ([7, 4, 4, 3, 2, 4], True)]
-  assert all(len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] > 0 for r in rows)
+  assert all(len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] == pytest.approx(
+      np.median(r["torch_s"]) / np.median(r["jax_s"])) for r in rows)
   assert {r["part"] for r in rows} == {"step"}
   assert len(layers.parse_layers(layers.RESNET50)) == 12
   for bad, match in [("6,4,4", "H,Cin,Cout,K"), ("6,4,x,3", "H,Cin,Cout,K"),
@@ -319,13 +362,14 @@ def test_layers_times_both_sides_for_every_layer_and_rejects_bad_specs():
 
 
 def test_layers_split_times_each_direction_on_both_sides(capsys):
-  from benchmarks import layers
+  from benchmarks.tools import layers
   rows = layers.main(["--layers=6,4,4,3;7,4,4,3,2,4", "--batch=2", "--repeats=2", "--pre=yes",
                       "--split", "--torch_threads=1"])
   parts = ["forward", "input grad", "weight grad"]
   assert [(r["layer"], r["part"]) for r in rows] == (
       [([6, 4, 4, 3, 1, 1], p) for p in parts] + [([7, 4, 4, 3, 2, 4], p) for p in parts])
-  assert all(r["pre"] and len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] > 0
+  assert all(r["pre"] and len(r["jax_s"]) == len(r["torch_s"]) == 2 and r["ratio"] == (
+      pytest.approx(np.median(r["torch_s"]) / np.median(r["jax_s"])))
              for r in rows)
   out = capsys.readouterr().out
   assert "| 7, 4->4, 3x3/2, 4 | yes | weight grad |" in out and "CPUs usable" in out
@@ -349,7 +393,7 @@ PROFILE_HLO = """
 
 
 def test_profile_reads_ops_and_layers_from_the_hlo():
-  from benchmarks import profile
+  from benchmarks.tools import profile
   ops = profile.hlo_ops(PROFILE_HLO)
   assert ops == {
       "ffi_call.3": {"kind": "oneDNN conv forward", "layer": "conv0_0", "direction": "forward"},
@@ -359,7 +403,7 @@ def test_profile_reads_ops_and_layers_from_the_hlo():
 
 
 def test_profile_interval_stats_against_a_dense_count():
-  from benchmarks import profile
+  from benchmarks.tools import profile
   rng = np.random.default_rng(0)
   for _ in range(20):
     starts = rng.integers(0, 90, 6)
@@ -371,7 +415,7 @@ def test_profile_interval_stats_against_a_dense_count():
 
 
 def test_profile_summarises_a_trace_per_step():
-  from benchmarks import profile
+  from benchmarks.tools import profile
   ops = profile.hlo_ops(PROFILE_HLO)
   events = [  # two steps; microseconds; one event not of the program, one not complete
       {"ph": "X", "name": "ffi_call.3", "ts": 0, "dur": 3000},
@@ -394,14 +438,16 @@ def test_profile_summarises_a_trace_per_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_profile_smoke_run_reports_the_step_op_by_op(tmp_path, framework):
-  from benchmarks import profile
+  from benchmarks.tools import profile
   out = tmp_path / "prof.json"
   report = profile.main([f"--framework={framework}", "--model=small_cnn", "--batch=2",
                          "--image_size=16", '--model_kwargs={"widths": [4, 8]}',
                          "--steps=2", "--top=5", f"--out={out}"])
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
   r = report["result"]
-  assert len(r["step_s"]) == 2 and r["wall_ms"] > 0 and r["ops_ms"] > 0
+  assert len(r["step_s"]) == 2
+  assert r["wall_ms"] == pytest.approx(1e3 * np.median(r["step_s"]))
+  assert 0 < r["ops_ms"] < 60_000
   names = [o["name"] for o in r["ops"]]
   if framework == "torch":
     assert any("convolution" in n for n in names)
@@ -435,7 +481,7 @@ PRIMITIVE_LINES = [
 
 
 def test_primitives_parses_both_verbose_layouts_and_compares_medians():
-  from benchmarks import primitives
+  from benchmarks.tools import primitives
   calls = [primitives.parse_line(l) for l in PRIMITIVE_LINES]
   assert calls[4:] == [None, None, None]
   assert calls[0] == {"primitive": "convolution", "impl": "brgconv:avx2",
@@ -460,17 +506,18 @@ def test_primitives_parses_both_verbose_layouts_and_compares_medians():
 @pytest.mark.slow
 def test_primitives_smoke_run_matches_the_two_frameworks_calls(tmp_path):
   pytest.importorskip("torch")
-  from benchmarks import primitives
+  from benchmarks.tools import primitives
   from sdl_jax.cpu import dnnl
   out = tmp_path / "prims.json"
   report = primitives.main(["--model=small_cnn", "--batch=2", "--image_size=16",
                             "--steps=1", "--rounds=1", f"--out={out}"])
   assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-  assert report["step_ms"]["jax"] > 0 and report["step_ms"]["torch"] > 0
+  assert all(0 < report["step_ms"][f] < 60_000 for f in ("jax", "torch"))
   convs = [r for r in report["rows"] if r["primitive"] == "convolution"]
   assert any(r["torch"] for r in convs)  # PyTorch's convolutions run on its oneDNN
   if dnnl.available():
     both = [r for r in convs if r["jax"] and r["torch"]]
     assert {r["direction"] for r in both} >= {"forward_training", "backward_data",
                                               "backward_weights"}
-    assert all(r["ratio"] > 0 for r in both)
+    assert all(r["ratio"] == pytest.approx(r["jax"]["median_ms"] / r["torch"]["median_ms"])
+               for r in both)

@@ -22,7 +22,7 @@ requires_torch = pytest.mark.skipif(
     not HAS_TORCH, reason="torch is not installed (pip install 'sdl-jax[torch]')")
 if HAS_TORCH:
   import torch
-  from torch_reference import make_torch_model, randomize_
+  from benchmarks.torch_models import make_torch_model, randomize_
 
 NAMES = ["small_cnn", "vgg16", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
          "efficientnet_lite2"]

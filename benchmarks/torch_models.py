@@ -3,8 +3,10 @@
 Plain ``torch.nn`` modules (torchvision does not import beside the pinned torch build),
 written in the PyTorch layouts that ``sdl_jax.weights`` converts: torchvision's VGG-16 and
 ResNet-50, the ``efficientnet-lite-pytorch`` layout of EfficientNet-Lite, and a
-PyTorch twin of ``SmallCNN`` whose parameter names equal the flax ones. Used by the
-equivalence tests and by the speed benchmark:
+PyTorch twin of ``SmallCNN`` whose parameter names equal the flax ones. The one home of
+the PyTorch twins: the equivalence tests (``tests/test_models.py``, ``test_weights.py``)
+and the benchmarks (``benchmarks/torch_train.py``) import it as ``benchmarks.torch_models``;
+it imports nothing from the library or the tests:
 
     model = make_torch_model("resnet50", num_classes=8).eval()
     randomize_(model, seed=0)   # non-trivial BatchNorm statistics

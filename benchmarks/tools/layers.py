@@ -22,9 +22,9 @@ ReLU a model puts there (JAX may fuse it into the gradient's passes; PyTorch run
 apart). ``SAME`` padding (``K // 2``). The default layers are ResNet-50's convolutions at
 batch 32. Prints a markdown table; returns the rows.
 
-    python -m benchmarks.layers --batch=32 --repeats=5
-    python -m benchmarks.layers --layers="56,64,64,3;112,96,96,3,2,96"
-    python -m benchmarks.layers --split --pre=no --layers="64,32,32,3;56,64,64,3"
+    python -m benchmarks.tools.layers --batch=32 --repeats=5
+    python -m benchmarks.tools.layers --layers="56,64,64,3;112,96,96,3,2,96"
+    python -m benchmarks.tools.layers --split --pre=no --layers="64,32,32,3;56,64,64,3"
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def _torch_step(h, cin, cout, k, s, g, batch, pre, seed=0):
 
 
 def main(argv=None) -> list[dict]:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.layers",
+  p = argparse.ArgumentParser(prog="python -m benchmarks.tools.layers",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--layers", default=RESNET50,
                  help="';'-separated H,Cin,Cout,K[,S[,G]] (default: ResNet-50's convolutions)")

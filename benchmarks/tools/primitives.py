@@ -1,7 +1,7 @@
 r"""oneDNN's primitives in the train step, the library's and PyTorch's side by side.
 
-    python -m benchmarks.primitives --model=small_cnn
-    python -m benchmarks.primitives --model=resnet50 --steps=2 --rounds=1 --out=prims.json
+    python -m benchmarks.tools.primitives --model=small_cnn
+    python -m benchmarks.tools.primitives --model=resnet50 --steps=2 --rounds=1 --out=prims.json
 
 Both frameworks run their convolutions on oneDNN (the library through its FFI handlers,
 ``sdl_jax.cpu.dnnl``; PyTorch through its bundled copy), and oneDNN times every call it
@@ -19,10 +19,10 @@ time); they are summed in one row. The printing slows both steps, and where XLA'
 convolutions run (ResNet-50's and VGG-16's large weight gradients print thousands of
 ``gemm_api`` lines a step) it slows the library's far more (ResNet-50: 7.5 s a step
 against 6.0 s without it, and single forward calls 2-4x their time in a
-``benchmarks.profile`` trace): compare calls, and trust the step times only for models
+``benchmarks.tools.profile`` trace): compare calls, and trust the step times only for models
 whose convolutions are all oneDNN's (the small CNN, EfficientNet-Lite0).
 
-Exploratory, like ``benchmarks.profile``: for finding where a gap sits, not for the
+Exploratory, like ``benchmarks.tools.profile``: for finding where a gap sits, not for the
 README's speed figures, which come from ``benchmarks.run``.
 """
 
@@ -109,7 +109,7 @@ def _child(args) -> None:
 def run_child(framework: str, args) -> dict:
   """Runs one framework's steps in a child process with ``ONEDNN_VERBOSE=1``; returns its
   parsed calls and step times."""
-  cmd = [sys.executable, "-m", "benchmarks.primitives", f"--child={framework}",
+  cmd = [sys.executable, "-m", "benchmarks.tools.primitives", f"--child={framework}",
          f"--model={args.model}", f"--batch={args.batch}", f"--image_size={args.image_size}",
          f"--steps={args.steps}"]
   env = dict(os.environ, ONEDNN_VERBOSE="1", DNNL_VERBOSE="1")
@@ -157,7 +157,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict | None:
   argv = sys.argv[1:] if argv is None else argv
-  p = argparse.ArgumentParser(prog="python -m benchmarks.primitives",
+  p = argparse.ArgumentParser(prog="python -m benchmarks.tools.primitives",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="small_cnn")
   p.add_argument("--batch", type=int, default=32)
@@ -186,7 +186,7 @@ def main(argv=None) -> dict | None:
   summaries = {f: summarise(calls[f], steps) for f in FRAMEWORKS}
   report = {"model": args.model, "batch": args.batch, "steps": args.steps,
             "rounds": args.rounds,
-            "command": "python -m benchmarks.primitives " + " ".join(argv),
+            "command": "python -m benchmarks.tools.primitives " + " ".join(argv),
             "step_ms": {f: 1e3 * float(np.median(step_s[f])) for f in FRAMEWORKS},
             "sum_ms": {f: sum(r["ms_per_step"] for k, r in summaries[f].items()
                               if k[0] != "gemm_api") for f in FRAMEWORKS},

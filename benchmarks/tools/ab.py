@@ -4,16 +4,16 @@ drift of the machine's speed hits all of them alike. For changes smaller than th
 run-to-run spread of ``benchmarks.run``, whose JAX/PyTorch ratios from separate runs cannot
 show them.
 
-    python -m benchmarks.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
+    python -m benchmarks.tools.ab --model=efficientnet_lite0 --batch=32 --repeats=7 \\
         --variants=library,dnnl=off
-    python -m benchmarks.ab --model=resnet50 --variants=library,kernels=xla
+    python -m benchmarks.tools.ab --model=resnet50 --variants=library,kernels=xla
 
 A variant is ``library`` (as configured), ``dnnl=MODE`` (``sdl_jax.cpu.dnnl.use``),
 ``kernels=MODE`` (``sdl_jax.cpu.paths.use``), an XLA option for this compilation only
 (``xla_...=value``, overriding ``$XLA_FLAGS``), or several joined by ``+``
 (``dnnl=off+kernels=cpu``):
 
-    python -m benchmarks.ab --model=resnet50 --repeats=5 \
+    python -m benchmarks.tools.ab --model=resnet50 --repeats=5 \
         --variants=library,xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT
 After ``--warmup`` untimed steps of each, prints each repeat's seconds per step (``--steps``
 steps of each variant per repeat, the device synchronised after them) and page faults,
@@ -37,7 +37,7 @@ from benchmarks import WARMUP_STEPS, warm_up
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.ab",
+  p = argparse.ArgumentParser(prog="python -m benchmarks.tools.ab",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="efficientnet_lite0")
   p.add_argument("--batch", type=int, default=32)

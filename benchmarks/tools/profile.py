@@ -1,8 +1,8 @@
 r"""Where one train step's time goes, op by op: the library's JAX step or PyTorch's.
 
-    python -m benchmarks.profile --model=resnet50                    # the library's step
-    python -m benchmarks.profile --model=resnet50 --framework=torch  # PyTorch's twin
-    python -m benchmarks.profile --model=efficientnet_lite0 --top=40 --out=prof.json
+    python -m benchmarks.tools.profile --model=resnet50                    # the library's step
+    python -m benchmarks.tools.profile --model=resnet50 --framework=torch  # PyTorch's twin
+    python -m benchmarks.tools.profile --model=efficientnet_lite0 --top=40 --out=prof.json
 
 The step is the one ``benchmarks.run`` times (``jax_train.JaxTrainer``: the library's
 pmapped ``train_step``; ``torch_train.TorchTrainer``), on the same synthetic batch. Run
@@ -22,7 +22,7 @@ hand-off; the wall time not covered by any op ("untraced") is mostly theirs.
 PyTorch: ``torch.profiler`` over the same number of steps; each aten op's self CPU time
 per step (PyTorch's eager step runs one op at a time, its intra-op threads inside).
 
-Exploratory, like ``benchmarks.ab``: what it prints is for finding where a gap sits, not
+Exploratory, like ``benchmarks.tools.ab``: what it prints is for finding where a gap sits, not
 for the README's speed figures, which come from ``benchmarks.run``.
 """
 
@@ -195,7 +195,7 @@ def markdown(report: dict, top: int) -> str:
 
 def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else argv
-  p = argparse.ArgumentParser(prog="python -m benchmarks.profile",
+  p = argparse.ArgumentParser(prog="python -m benchmarks.tools.profile",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--model", default="resnet50")
   p.add_argument("--framework", choices=("jax", "torch"), default="jax")
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
     result = profile_torch(args.model, images, labels, dists, args.steps, kwargs)
   report = {"framework": args.framework, "model": args.model, "batch": args.batch,
             "image_size": size, "steps": args.steps,
-            "command": "python -m benchmarks.profile " + " ".join(argv),
+            "command": "python -m benchmarks.tools.profile " + " ".join(argv),
             "result": result}
   return write_report(report, markdown(report, args.top), args.out)
 
