@@ -326,7 +326,7 @@ def _ferplus(c):
   c.data.protocol = "majority"
   c.model = "small_cnn"
   # Four stages at full 44 px resolution (~0.17 GFLOP/image forward, ~70 images/s on one
-  # core of this CPU). Session 2's strided-stem 64/128/256 net was 1.6x cheaper but saw
+  # core of a 2-core EPYC). A strided-stem 64/128/256 net (2026-11-29) was 1.6x cheaper but saw
   # the faces at 22 px and stopped at 81% (train ~ validation accuracy). 12 epochs reach
   # 85.3-85.6% test accuracy (two-seed means) in about 1.5-2 hours on one core;
   # --config.num_epochs=6 halves that for ~83.2%. See RESULTS.md.

@@ -326,7 +326,7 @@ def test_real_label_files_give_the_published_counts(real_files):
 
 @pytest.fixture(scope="session")
 def real_ferplus(tmp_path_factory):
-  """Both protocols built once per session from the archive: {protocol: builder}."""
+  """Both protocols built once per pytest run from the archive: {protocol: builder}."""
   if not ARCHIVE.exists():
     pytest.skip(f"the FER+ archive is not at {ARCHIVE}")
   cache = tmp_path_factory.mktemp("ferplus_cache")

@@ -124,7 +124,7 @@ def test_bad_arguments():
 
 @pytest.mark.slow
 def test_real_sweep_on_tiny_config(trained_workdir, tmp_path_factory, tmp_path):  # noqa: F811
-  """Two lambdas: the session's tiny run is reused as the finished lam=0.8 run (skipped),
+  """Two lambdas: the shared tiny run is reused as the finished lam=0.8 run (skipped),
   lam=0 is trained for real."""
   shutil.copytree(trained_workdir, tmp_path / sweep.run_name(TINY_LAM, TINY_SEED))
   config = tiny_config(data_dir(tmp_path_factory))

@@ -1,8 +1,8 @@
-"""A tiny trained work directory, built once per test session, for the user-surface tests.
+"""A tiny trained work directory, built once per pytest run, for the user-surface tests.
 
 Import the fixture into a test module with ``from workdir_fixture import trained_workdir``
 (pytest puts ``tests/`` on ``sys.path``). Every module that imports it gets the same
-directory: the training runs once per session, whichever module asks first.
+directory: the training runs once per pytest run, whichever module asks first.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def tiny_config(data_dir):
 
 
 def data_dir(tmp_path_factory) -> Path:
-  """One TFDS data directory per session (the synthetic set is prepared once)."""
+  """One TFDS data directory per pytest run (the synthetic set is prepared once)."""
   if "data" not in _CACHE:
     _CACHE["data"] = tmp_path_factory.mktemp("sdl_data")
   return _CACHE["data"]

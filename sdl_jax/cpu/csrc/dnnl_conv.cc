@@ -112,7 +112,7 @@ Prim Make(const Key& key) {
   } else {
     // ``blocked``: oneDNN picks the activations' layout too (its blocked one), and x and dy
     // are reordered to it on every call; the JIT weight-gradient kernel ran up to 1.36x
-    // as fast on it, reorders included (README, "Performance", session 15).
+    // as fast on it, reorders included (docs/performance.md, 2026-12-03).
     auto src_w = blocked ? memory::desc(src, type, tag::any) : src_u;
     auto dst_w = blocked ? memory::desc(dst, type, tag::any) : dst_u;
 #if DNNL_VERSION_MAJOR >= 3
