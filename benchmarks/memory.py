@@ -93,7 +93,7 @@ def xla_memory(compiled) -> dict | None:
 
 def _jax_child(spec: dict) -> dict:
   from benchmarks import jax_train  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
   from sdl_jax import perf  # pylint: disable=g-import-not-at-top
   config = jax_train.bench_config(spec["model"], batch=spec["batch"], dtype=spec["dtype"],
                                   model_kwargs=spec["model_kwargs"])
@@ -110,7 +110,7 @@ def _jax_child(spec: dict) -> dict:
 def _torch_child(spec: dict) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(spec["threads"])
   trainer = torch_train.TorchTrainer(
       spec["model"], spec["num_classes"],
