@@ -48,14 +48,8 @@ ALL_SECTIONS = ("train", "memory", "loss", "pipeline")
 DEFAULT_MODELS = "small_cnn,efficientnet_lite0,resnet50,vgg16"
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.run",
-                              description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sections", default=",".join(ALL_SECTIONS),
-                 help="comma-separated subset of: " + ", ".join(ALL_SECTIONS))
-  p.add_argument("--out", default="", help="write the JSON results here")
-  p.add_argument("--markdown", default="", help="also write the markdown report here")
+def _train_flags(p) -> None:
+  """The train section's flags (the memory and pipeline sections read some of them too)."""
   g = p.add_argument_group("train")
   g.add_argument("--models", default=DEFAULT_MODELS)
   g.add_argument("--batch", type=int, default=32, help="global batch (all devices)")
@@ -106,6 +100,10 @@ def parse_args(argv=None):
                       "or keeping freed memory as the library's process does (keep; "
                       "sdl_jax.cpu.process.keep_freed_memory); with --torch_process=same it is "
                       "JAX's process's")
+
+
+def _other_flags(p) -> None:
+  """The memory, loss and pipeline sections' flags."""
   g = p.add_argument_group("memory (also takes --models, --batch, --image_size, --dtype)")
   g.add_argument("--memory_steps", type=int, default=5,
                  help="train steps in each memory process")
@@ -137,7 +135,10 @@ def parse_args(argv=None):
   g.add_argument("--ferplus_archive", default="",
                  help="FER+ tar.gz (default: ../shared/data/ferplus.tar.gz beside the "
                       "repo, if there; else synthetic PNGs)")
-  args = p.parse_args(argv)
+
+
+def _checked(p, args):
+  """``args`` with the list flags split and parsed; ``p.error`` on a bad value."""
   args.sections = [s for s in args.sections.split(",") if s]
   bad = set(args.sections) - set(ALL_SECTIONS)
   if bad:
@@ -168,6 +169,19 @@ def parse_args(argv=None):
     p.error(f"--model_kwargs must be a JSON object, got {args.model_kwargs!r}")
   return args
 
+
+def parse_args(argv=None):
+  """The command line (``argv``, default ``sys.argv[1:]``), checked."""
+  p = argparse.ArgumentParser(prog="python -m benchmarks.run",
+                              description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sections", default=",".join(ALL_SECTIONS),
+                 help="comma-separated subset of: " + ", ".join(ALL_SECTIONS))
+  p.add_argument("--out", default="", help="write the JSON results here")
+  p.add_argument("--markdown", default="", help="also write the markdown report here")
+  _train_flags(p)
+  _other_flags(p)
+  return _checked(p, p.parse_args(argv))
 
 
 # ---------------------------------------------------------------------------------------

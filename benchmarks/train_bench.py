@@ -35,8 +35,44 @@ def synthetic_batch(batch: int, size: int, num_classes: int, seed: int = 0):
   return images, labels, distributions
 
 
+def _torch_trainer(name: str, args, torch_device, config, images, labels, dists):
+  """PyTorch's twin of the step, its first step taken: a ``TorchProcess`` (the default
+  ``--torch_process=separate``) or a ``TorchTrainer`` in this process. Returns it and
+  the facts recorded under ``torch`` (parameters, first step, memory)."""
+  from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
+  torch_args = (name, args.num_classes, images, labels, dists)
+  torch_kwargs = dict(
+      model_kwargs=args.model_kwargs, lr=float(config.learning_rate),
+      weight_decay=float(config.weight_decay), lam=float(config.lam),
+      channels_last=args.torch_layout == "channels_last",
+      bf16=(args.torch_dtype or args.dtype) == "bfloat16", device=torch_device)
+  if args.torch_process == "separate":
+    tt = torch_process.TorchProcess(*torch_args, threads=args.torch_threads
+                                    or perf.cpu_count(), malloc=args.torch_malloc,
+                                    **torch_kwargs)
+    info = {"params": tt.num_params(), "malloc_keep": tt.info["freed_memory_kept"]}
+    if info["malloc_keep"] != (args.torch_malloc == "keep"):
+      raise RuntimeError(f"PyTorch's process was asked for --torch_malloc="
+                         f"{args.torch_malloc} but kept freed memory: "
+                         f"{info['malloc_keep']}")
+    first = tt.first_step()
+    info["first_step_s"] = first["seconds"]
+    info["rss_growth_first_step"] = first["rss_growth"]
+    if torch_device == "cuda":
+      info["device_peak_bytes"] = tt.peak_bytes()
+  else:
+    tt = torch_train.TorchTrainer(*torch_args, **torch_kwargs)
+    info = {"params": tt.num_params()}
+    info["first_step_s"], info["rss_growth_first_step"] = perf.timed_step(tt.step, tt.sync)
+    if torch_device == "cuda":
+      import torch  # pylint: disable=g-import-not-at-top
+      info["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+  return tt, info
+
+
 def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
-  """Interleaved JAX / PyTorch train-step timing of one model (see the module docstring)."""
+  """Interleaved JAX / PyTorch train-step timing of one model (``benchmarks.run``'s
+  docstring says how)."""
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import jax_train  # pylint: disable=g-import-not-at-top
   size = model_image_size(name, args)
@@ -67,36 +103,8 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
 
   sides = {"jax": (lambda: jt.step(), jt.sync)}
   if torch_device:
-    from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
-    torch_args = (name, args.num_classes, images, labels, dists)
-    torch_kwargs = dict(
-        model_kwargs=args.model_kwargs, lr=float(config.learning_rate),
-        weight_decay=float(config.weight_decay), lam=float(config.lam),
-        channels_last=args.torch_layout == "channels_last",
-        bf16=(args.torch_dtype or args.dtype) == "bfloat16", device=torch_device)
-    if args.torch_process == "separate":
-      tt = torch_process.TorchProcess(*torch_args, threads=args.torch_threads
-                                      or perf.cpu_count(), malloc=args.torch_malloc,
-                                      **torch_kwargs)
-      out["torch"] = {"params": tt.num_params(),
-                      "malloc_keep": tt.info["freed_memory_kept"]}
-      if out["torch"]["malloc_keep"] != (args.torch_malloc == "keep"):
-        raise RuntimeError(f"PyTorch's process was asked for --torch_malloc="
-                           f"{args.torch_malloc} but kept freed memory: "
-                           f"{out['torch']['malloc_keep']}")
-      first = tt.first_step()
-      out["torch"]["first_step_s"] = first["seconds"]
-      out["torch"]["rss_growth_first_step"] = first["rss_growth"]
-      if torch_device == "cuda":
-        out["torch"]["device_peak_bytes"] = tt.peak_bytes()
-    else:
-      tt = torch_train.TorchTrainer(*torch_args, **torch_kwargs)
-      out["torch"] = {"params": tt.num_params()}
-      out["torch"]["first_step_s"], out["torch"]["rss_growth_first_step"] = perf.timed_step(
-          tt.step, tt.sync)
-      if torch_device == "cuda":
-        import torch  # pylint: disable=g-import-not-at-top
-        out["torch"]["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    tt, out["torch"] = _torch_trainer(name, args, torch_device, config, images, labels,
+                                      dists)
     sides["torch"] = (lambda: tt.step(), tt.sync)
     log(f"  torch: first step {out['torch']['first_step_s']:.2f} s")
 

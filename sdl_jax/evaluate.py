@@ -163,9 +163,7 @@ def load_trained(workdir: str, which: str = "best", config=None) -> Trained:
   config = config if config is not None else load_config(workdir)
   run = read_run_info(workdir)
   state, used = restore(config, workdir, which)
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
+  variables = train_state.model_variables(state)
   names = tuple(run.get("class_names") or ())
   if len(names) != run["num_classes"]:
     raise ValueError(f"{workdir}/run.json: class_names {names} do not match num_classes "
