@@ -120,9 +120,9 @@ def restore(config, workdir: str, which: str = "best"):
 
   The one way to restore a workdir's state (evaluation, prediction, tests). Needs no data
   set: the number of classes and steps come from ``workdir/run.json``. The restore target
-  is abstract (``jax.eval_shape`` of ``train_state.create_train_state``): nothing is initialised
-  or compiled, which on a CPU saves the compilation of ``model.init`` (a minute for some
-  models). ``'best'`` falls back to ``'latest'`` when validation never ran.
+  is abstract (``jax.eval_shape`` of ``train_state.create_train_state``): nothing is
+  initialised or compiled, which on a CPU saves the compilation of ``model.init`` (a minute
+  for some models). ``'best'`` falls back to ``'latest'`` when validation never ran.
 
   Returns:
     ``(state, 'best' | 'latest')``.
