@@ -1,10 +1,10 @@
 """The JAX side of the train-step benchmark.
 
-``step='library'`` (the default) times the library's own code: ``sdl_jax.train``'s
-``create_train_state`` (Caffe-style SGD, momentum 0.9, weight decay in the gradient,
-``sdl_jax.optim``) and ``make_pmapped_steps`` (``train_step`` pmapped over every local
-device, state donated): forward, ``sdl_loss`` (its custom_vjp gradient), backward, the
-update, and the metric sums the training loop logs.
+``step='library'`` (the default) times the library's own code:
+``sdl_jax.train_state.create_train_state`` (Caffe-style SGD, momentum 0.9, weight decay in
+the gradient, ``sdl_jax.optim``) and ``sdl_jax.train.make_pmapped_steps`` (``train_step``
+pmapped over every local device, state donated): forward, ``sdl_loss`` (its custom_vjp
+gradient), backward, the update, and the metric sums the training loop logs.
 
 ``step='local'`` is a minimal step kept for experiments: the same forward and loss,
 ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9))``, no metrics;
@@ -115,11 +115,11 @@ class JaxTrainer:
     key = jax.random.key(int(config.seed))
     self.parallel = "pmap" if step == "library" else parallel
     if step == "library":
-      from sdl_jax import train  # pylint: disable=g-import-not-at-top
-      model = train.create_model(config, c)
-      lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000,
-                                            num_train_steps=100_000)
-      state = train.create_train_state(key, config, model, s, lr_fn, pretrained=False)
+      from sdl_jax import train, train_state  # pylint: disable=g-import-not-at-top
+      model = train_state.create_model(config, c)
+      lr_fn = train_state.create_learning_rate_fn(config, steps_per_epoch=1000,
+                                                  num_train_steps=100_000)
+      state = train_state.create_train_state(key, config, model, s, lr_fn, pretrained=False)
       self.num_params = models.count_params({"params": state.params})
       self._fn, _ = train.make_pmapped_steps(config)
       self.state = jax_utils.replicate(state, self.devices)

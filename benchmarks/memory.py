@@ -93,8 +93,8 @@ def xla_memory(compiled) -> dict | None:
 
 def _jax_child(spec: dict) -> dict:
   from benchmarks import jax_train  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
-  from sdl_jax import perf  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import process  # pylint: disable=g-import-not-at-top
   config = jax_train.bench_config(spec["model"], batch=spec["batch"], dtype=spec["dtype"],
                                   model_kwargs=spec["model_kwargs"])
   config.remat = bool(spec.get("remat", False))
@@ -103,14 +103,14 @@ def _jax_child(spec: dict) -> dict:
       spec["batch"], spec["image_size"], spec["num_classes"]))
   out = run_steps(trainer.step, trainer.sync, spec["steps"], before_steps=trainer.compile)
   out.update(xla=xla_memory(trainer.compiled), compile_s=trainer.compile_s,
-             params=trainer.num_params, malloc_keep=perf.freed_memory_kept())
+             params=trainer.num_params, malloc_keep=process.freed_memory_kept())
   return out
 
 
 def _torch_child(spec: dict) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(spec["threads"])
   trainer = torch_train.TorchTrainer(
       spec["model"], spec["num_classes"],

@@ -129,7 +129,7 @@ def consumer_rate(model, model_kwargs, size, batch, num_classes, args, log) -> d
   """Median images/s of the JAX train step alone (compile and one warm-up excluded)."""
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import jax_train  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
   images, labels, dists = synthetic_batch(batch, size, num_classes)
   config = jax_train.bench_config(model, batch=batch, dtype=args.dtype,
                                   model_kwargs=model_kwargs)

@@ -44,7 +44,8 @@ def main(argv=None) -> list[dict]:
   cpu.configure(sdl.get_config(args.preset))  # before JAX starts: XLA flags, allocator
   import jax  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  from sdl_jax import metrics, models, train  # pylint: disable=g-import-not-at-top
+  from sdl_jax import metrics, models  # pylint: disable=g-import-not-at-top
+  from sdl_jax import train, train_state  # pylint: disable=g-import-not-at-top
 
   with np.load(args.npz) as z:
     image, label, dist = z["image"], z["label"].astype(np.int32), z["distribution"]
@@ -57,10 +58,10 @@ def main(argv=None) -> list[dict]:
   print(f"devices {jax.devices()}; {config.model} {dict(config.model_kwargs)}, batch {b}, "
         f"lam {config.lam}, {n_train} train / {n - n_train} held-out images", flush=True)
   steps = n_train // b
-  model = train.create_model(config, dist.shape[1])
-  lr_fn = train.create_learning_rate_fn(config, steps, steps * args.epochs)
-  state = jax_utils.replicate(train.create_train_state(
-      train.prng_key(config.seed), config, model, x.shape[1], lr_fn))
+  model = train_state.create_model(config, dist.shape[1])
+  lr_fn = train_state.create_learning_rate_fn(config, steps, steps * args.epochs)
+  state = jax_utils.replicate(train_state.create_train_state(
+      train_state.prng_key(config.seed), config, model, x.shape[1], lr_fn))
   p_train, p_eval = train.make_pmapped_steps(config)
 
   def shard(a):

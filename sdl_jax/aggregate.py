@@ -15,13 +15,14 @@ import json
 import os
 from typing import Any, Sequence
 
+from sdl_jax import figures
 from sdl_jax import metrics as metrics_lib
 from sdl_jax import report
 
 SUMMARY_MEASURES = ("accuracy",) + metrics_lib.LDL_MEASURES
 METHODS = ("finetune", "probe")
 # Fixed predictions every run's results.json scores on its test split
-# (train.compute_baselines), by key, and their row names.
+# (baselines.compute_baselines), by key, and their row names.
 BASELINES = {"train_mean": "baseline: training-set mean", "uniform": "baseline: uniform"}
 
 
@@ -168,9 +169,9 @@ def write_summary(workdir: str, points, *, preset=None, command=None,
          "runs": points, "summary": summary, "baselines": baselines}
   with open(os.path.join(workdir, "sweep.json"), "w") as f:
     json.dump(out, f, indent=2)
-  report.plot_sweep(points, os.path.join(workdir, "sweep.png"),
-                    title=f"{preset or 'sweep'}: test measures against lambda",
-                    group_key="method")
+  figures.plot_sweep(points, os.path.join(workdir, "sweep.png"),
+                     title=f"{preset or 'sweep'}: test measures against lambda",
+                     group_key="method")
   with open(os.path.join(workdir, "sweep.md"), "w") as f:
     f.write(_markdown(points, summary + baselines, command, preset, measures))
   return out

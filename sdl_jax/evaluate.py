@@ -31,6 +31,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from sdl_jax import figures as figures_lib
 from sdl_jax import metrics as metrics_lib
 from sdl_jax import report
 
@@ -119,9 +120,9 @@ def restore(config, workdir: str, which: str = "best"):
 
   The one way to restore a workdir's state (evaluation, prediction, tests). Needs no data
   set: the number of classes and steps come from ``workdir/run.json``. The restore target
-  is abstract (``jax.eval_shape`` of ``train.create_train_state``): nothing is initialised
-  or compiled, which on a CPU saves the compilation of ``model.init`` (a minute for some
-  models). ``'best'`` falls back to ``'latest'`` when validation never ran.
+  is abstract (``jax.eval_shape`` of ``train_state.create_train_state``): nothing is
+  initialised or compiled, which on a CPU saves the compilation of ``model.init`` (a minute
+  for some models). ``'best'`` falls back to ``'latest'`` when validation never ran.
 
   Returns:
     ``(state, 'best' | 'latest')``.
@@ -132,16 +133,17 @@ def restore(config, workdir: str, which: str = "best"):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from sdl_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from sdl_jax import train  # pylint: disable=g-import-not-at-top
+  from sdl_jax import train_state  # pylint: disable=g-import-not-at-top
   if which not in ("best", "latest"):
     raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
   run = read_run_info(workdir)
-  model = train.create_model(config, run["num_classes"])
-  lr_fn = train.create_learning_rate_fn(config, run["steps_per_epoch"],
-                                        run["num_train_steps"])
+  model = train_state.create_model(config, run["num_classes"])
+  lr_fn = train_state.create_learning_rate_fn(config, run["steps_per_epoch"],
+                                              run["num_train_steps"])
   target = jax.eval_shape(
-      lambda key: train.create_train_state(key, config, model, config.image_size, lr_fn,
-                                           pretrained=False), jax.random.key(0))
+      lambda key: train_state.create_train_state(key, config, model, config.image_size,
+                                                 lr_fn, pretrained=False),
+      jax.random.key(0))
   ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints, config.best_metric,
                                metrics_lib.HIGHER_IS_BETTER[config.best_metric])
   try:
@@ -157,18 +159,16 @@ def restore(config, workdir: str, which: str = "best"):
 def load_trained(workdir: str, which: str = "best", config=None) -> Trained:
   """Restores the ``which`` checkpoint of ``workdir`` (``'best'`` falls back to
   ``'latest'``) with the saved config (or ``config``, which must build the same model)."""
-  from sdl_jax import train  # pylint: disable=g-import-not-at-top
+  from sdl_jax import train_state  # pylint: disable=g-import-not-at-top
   config = config if config is not None else load_config(workdir)
   run = read_run_info(workdir)
   state, used = restore(config, workdir, which)
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
+  variables = train_state.model_variables(state)
   names = tuple(run.get("class_names") or ())
   if len(names) != run["num_classes"]:
     raise ValueError(f"{workdir}/run.json: class_names {names} do not match num_classes "
                      f"{run['num_classes']}")
-  return Trained(config=config, model=train.create_model(config, run["num_classes"]),
+  return Trained(config=config, model=train_state.create_model(config, run["num_classes"]),
                  variables=variables, names=names, step=int(state.step), which=used)
 
 
@@ -238,8 +238,8 @@ def predict_split(trained: Trained, builder, split: str = "test") -> dict[str, n
 
 def model_measures(probs, labels, distributions) -> dict[str, float]:
   """Accuracy and the mean LDL measures of predictions ``probs`` ``[N, C]``."""
-  from sdl_jax import train  # pylint: disable=g-import-not-at-top
-  return train.baseline_metrics(probs, labels, distributions)
+  from sdl_jax import baselines  # pylint: disable=g-import-not-at-top
+  return baselines.baseline_metrics(probs, labels, distributions)
 
 
 def rank_by_kl(probs, distributions, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -286,8 +286,8 @@ def _gallery(builder, split, indices, pred, true, kl, names, path, title):
   captions = [f"{f}\nKL {kl[i]:.3f}\ntrue {names[int(np.argmax(t))]}, "
               f"pred {names[int(np.argmax(pred[i]))]}"
               for f, i, t in zip(files, indices, targets)]
-  report.plot_gallery(images, targets, pred[np.asarray(indices)], names, path, captions,
-                      title)
+  figures_lib.plot_gallery(images, targets, pred[np.asarray(indices)], names, path,
+                           captions, title)
   return [{"index": int(i), "file": f, "kl": float(kl[i])} for i, f in zip(indices, files)]
 
 
@@ -308,8 +308,8 @@ def evaluate_workdir(workdir: str, config=None, split: str = "test", which: str 
   Returns:
     the ``evaluation`` dict written into ``results.json``.
   """
+  from sdl_jax import baselines as baselines_lib  # pylint: disable=g-import-not-at-top
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
-  from sdl_jax import train  # pylint: disable=g-import-not-at-top
   from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -327,14 +327,14 @@ def evaluate_workdir(workdir: str, config=None, split: str = "test", which: str 
   pred = predict_split(trained, builder, split)
   probs, labels, dists = pred["probs"], pred["label"], pred["distribution"]
 
-  baselines = train.compute_baselines(builder, split)
+  baselines = baselines_lib.compute_baselines(builder, split)
   oracle = baselines.pop("oracle", None)
   cm = report.confusion_matrix(labels, probs.argmax(1), c)
   kl, best, worst = rank_by_kl(probs, dists, num_gallery)
 
   figures_dir = os.path.join(workdir, FIGURES_DIR)
   figures = {}
-  figures["Confusion matrix"] = report.plot_confusion_matrix(
+  figures["Confusion matrix"] = figures_lib.plot_confusion_matrix(
       cm, names, os.path.join(figures_dir, "confusion_matrix.png"),
       title=f"Confusion matrix, {split} split ({len(labels)} images)")
   best_rows = _gallery(builder, split, best, probs, dists, kl, names,

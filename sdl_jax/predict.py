@@ -311,7 +311,7 @@ def main(workdir: str, images: Sequence[str], out: str | None = None,
   failed = [r for r in rows if "error" in r]
   if plot_dir:
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    from sdl_jax import report  # pylint: disable=g-import-not-at-top
+    from sdl_jax import figures  # pylint: disable=g-import-not-at-top
     os.makedirs(plot_dir, exist_ok=True)
     used: set[str] = set()
     for r in rows:
@@ -319,7 +319,7 @@ def main(workdir: str, images: Sequence[str], out: str | None = None,
         continue
       with Image.open(r["file"]) as im:
         shown = np.asarray(im.convert("RGB"))
-      report.plot_prediction(
+      figures.plot_prediction(
           shown, [r["distribution"][n] for n in predictor.names], predictor.names,
           os.path.join(plot_dir, _plot_name(r["file"], used)),
           title=f"{r['file']}: {r['dominant']} ({r['probability']:.2f})")

@@ -44,10 +44,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from sdl_jax import baselines
 from sdl_jax import losses
 from sdl_jax.data import buildlog
 from sdl_jax import metrics as metrics_lib
 from sdl_jax import models
+from sdl_jax import run_io
+from sdl_jax import train_state
+from sdl_jax import validation
 
 SPLITS = ("train", "validation", "test")
 
@@ -78,8 +82,8 @@ def feature_apply(apply_fn, head: str):
 
 def backbone_variables(config, model, seed: int = 0) -> dict:
   """The model's variables with the body from ``config.pretrained`` (when set)."""
-  from sdl_jax import train  # pylint: disable=g-import-not-at-top
-  params, batch_stats = train.initialized(train.prng_key(seed), config.image_size, model)
+  params, batch_stats = train_state.initialized(train_state.prng_key(seed), config.image_size,
+                                                model)
   variables = {"params": params, "batch_stats": batch_stats}
   if config.get("pretrained"):
     from sdl_jax import weights  # pylint: disable=g-import-not-at-top
@@ -352,21 +356,20 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
   Returns the dict also written to ``workdir/results.json`` (default workdir
   ``./workdirs/<config.name>_probe``).
   """
-  from sdl_jax import train  # pylint: disable=g-import-not-at-top
   t_start = time.time()
-  train.quiet_library_logs()
-  train.validate_config(config)
+  run_io.quiet_library_logs()
+  validation.validate_config(config)
   if not config.probe_weight_decays:
     raise ValueError("config.probe_weight_decays is empty: give at least one weight decay")
   workdir = workdir or os.path.join("workdirs", f"{config.get('name', 'run')}_probe")
   os.makedirs(workdir, exist_ok=True)
   feature_dir = config.get("probe_feature_dir") or os.path.join(workdir, "features")
-  builder = train._load_data(config, workdir)  # pylint: disable=protected-access
+  builder = run_io.load_data(config, workdir)
   num_classes = builder.info.features["label"].num_classes
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
-  model = functools.cache(lambda: train.create_model(config, num_classes))
+  model = functools.cache(lambda: train_state.create_model(config, num_classes))
   data = probe_features(config, builder, feature_dir,
                         lambda: backbone_variables(config, model(), int(config.seed)),
                         model)
@@ -383,7 +386,7 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
       "split_seed": int(config.data.get("split_seed", 0)),
       "best_metric": config.best_metric, "best_step": None,
       "validation_best": grid[best]["validation"], "test": test,
-      "baselines": train.compute_baselines(builder, "test"),
+      "baselines": baselines.compute_baselines(builder, "test"),
       "data_build": buildlog.build_counts(builder),
       "probe": {"weight_decay": grid[best]["weight_decay"], "grid": grid,
                 "steps": int(config.probe_steps),

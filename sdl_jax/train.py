@@ -39,117 +39,39 @@ stream and the dropout keys are functions of ``(seed, step)``. SIGTERM or Ctrl-C
 checkpoint at the next step boundary and returns cleanly.
 
 ``sdl_jax.evaluate.restore(config, workdir, which)`` gives the TrainState of a workdir for
-evaluation and inference; ``sdl_jax.report.write_report`` writes ``report.md``.
+evaluation and inference; ``sdl_jax.report.write_report`` writes ``report.md``. Around the
+steps and the loop: ``train_state`` (the TrainState and its initial parameters),
+``validation`` (config checks), ``run_io`` (the workdir's files, signals, logs) and
+``baselines``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-import signal
-import threading
 import time
-from typing import Any
 
 from absl import logging
-import flax
-from flax import jax_utils
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
+from sdl_jax import baselines as baselines_lib
 from sdl_jax import checkpoint as ckpt_lib
 from sdl_jax import losses
 from sdl_jax import metrics as metrics_lib
 from sdl_jax import models
-from sdl_jax import optim
 from sdl_jax import report
+from sdl_jax import run_io
+from sdl_jax import train_state
+from sdl_jax import validation
 
 AXIS = "batch"
 
 
-class TrainState(train_state.TrainState):
-  """``flax.training.train_state.TrainState`` plus BatchNorm statistics (``{}`` if none)."""
-  batch_stats: Any = None
-
-
-# ---------------------------------------------------------------------------------------
-# Model, schedule, optimizer, state.
-
-
-def prng_key(seed: int):
-  """The run's PRNG key: ``jax.random.key(seed, impl='rbg')``.
-
-  XLA's RngBitGenerator instead of the default threefry: XLA:CPU measured ~15 CPU-seconds
-  to compile the threefry bits of the small CNN's initialiser, ~2 s with rbg. Streams are
-  deterministic for a seed on a given backend (which is all resuming needs).
-  """
-  return jax.random.key(int(seed), impl="rbg")
-
-
-def create_model(config, num_classes: int):
-  """The flax module ``config.model`` with a ``num_classes``-way head."""
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
-  if dtype is None:
-    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
-  kwargs = config.get("model_kwargs") or {}
-  if isinstance(kwargs, ml_collections.ConfigDict):
-    kwargs = kwargs.to_dict()
-  return models.get_model(config.model, num_classes, dtype=dtype, **kwargs)
-
-
-def create_learning_rate_fn(config, steps_per_epoch: int, num_train_steps: int):
-  """``step -> learning rate`` (see ``sdl_jax.optim``)."""
-  return optim.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
-
-
-def initialized(key, image_size: int, model):
-  """``model.init`` on a ``[1, S, S, 3]`` input; returns (params, batch_stats)."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": key, "dropout": key}, x)
-  variables = flax.core.unfreeze(variables)
-  return variables["params"], variables.get("batch_stats", {})
-
-
-def create_train_state(rng, config, model, image_size: int, learning_rate_fn,
-                       pretrained: bool = True) -> TrainState:
-  """A fresh TrainState; with ``config.pretrained`` (and ``pretrained=True``) the body is
-  initialised from those weights and only the head keeps its random initialisation."""
-  params, batch_stats = initialized(rng, image_size, model)
-  head = models.get_spec(config.model).head
-  if pretrained and config.get("pretrained"):
-    # Lazy: the pretrained path needs torch; the default config must not.
-    from sdl_jax import weights  # pylint: disable=g-import-not-at-top
-    kwargs = config.get("model_kwargs") or {}
-    if isinstance(kwargs, ml_collections.ConfigDict):
-      kwargs = kwargs.to_dict()
-    variables = weights.init_from_pretrained(
-        {"params": params, "batch_stats": batch_stats},
-        weights.load_pretrained(config.pretrained, arch=config.model, model_kwargs=kwargs),
-        head=head)
-    logging.info("initialised %s from %s (head %r left random)", config.model,
-                 config.pretrained, head)
-    variables = flax.core.unfreeze(variables)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  tx = optim.create_optimizer(config, learning_rate_fn, params, head)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                           batch_stats=batch_stats)
-
-
 # ---------------------------------------------------------------------------------------
 # Steps (run under pmap with axis name AXIS).
-
-
-def _variables(state, params=None):
-  v = {"params": state.params if params is None else params}
-  if state.batch_stats:
-    v["batch_stats"] = state.batch_stats
-  return v
 
 
 # What a rematerialised forward pass keeps for the backward pass (``config.remat``): the
@@ -162,7 +84,7 @@ def _variables(state, params=None):
 REMAT_POLICY = jax.checkpoint_policies.dots_saveable
 
 
-def _forward(state: TrainState, remat: bool):
+def _forward(state: train_state.TrainState, remat: bool):
   """``(params, batch_stats, images, key) -> (logits, new batch_stats)``: the model in train
   mode, under ``jax.checkpoint(policy=REMAT_POLICY)`` when ``remat``."""
 
@@ -220,8 +142,8 @@ def _accumulated_grads(forward, params, batch_stats, batch, key, lam, steps: int
   return grads, logits.reshape((b,) + logits.shape[2:]), stats
 
 
-def train_step(state: TrainState, batch, *, lam: float, rng, remat: bool = False,
-               grad_accum_steps: int = 1):
+def train_step(state: train_state.TrainState, batch, *, lam: float, rng,
+               remat: bool = False, grad_accum_steps: int = 1):
   """One SGD step on a per-device batch; gradients ``pmean``-ed over ``AXIS``.
 
   Args:
@@ -255,13 +177,14 @@ def train_step(state: TrainState, batch, *, lam: float, rng, remat: bool = False
   return new_state, jax.lax.psum(sums, AXIS)
 
 
-def eval_step(state: TrainState, batch, *, lam: float, flip: bool = False):
+def eval_step(state: train_state.TrainState, batch, *, lam: float, flip: bool = False):
   """Masked metric sums of one per-device batch, ``psum``-med over ``AXIS``.
 
   ``flip``: the prediction is the mean distribution of each image and its mirror
   (``models.log_probs``); its log stands in for the logits in the loss and metrics.
   """
-  logits = models.log_probs(state.apply_fn, _variables(state), batch["image"], flip)
+  logits = models.log_probs(state.apply_fn, train_state.model_variables(state),
+                            batch["image"], flip)
   per_example = losses.per_example_loss(logits, batch["label"], batch["distribution"], lam)
   sums = metrics_lib.batch_sums(jax.nn.softmax(logits), batch["label"],
                                 batch["distribution"], batch["mask"], loss=per_example)
@@ -273,7 +196,7 @@ def _pmean_x(x):
   return jax.lax.pmean(x, "x")
 
 
-def sync_batch_stats(state: TrainState) -> TrainState:
+def sync_batch_stats(state: train_state.TrainState) -> train_state.TrainState:
   """Averages the per-device BatchNorm statistics of a replicated state."""
   if not state.batch_stats:
     return state
@@ -282,7 +205,7 @@ def sync_batch_stats(state: TrainState) -> TrainState:
 
 def make_pmapped_steps(config):
   """``(p_train_step, p_eval_step)``: pmapped over AXIS, the train state donated."""
-  rng = prng_key(config.seed)
+  rng = train_state.prng_key(config.seed)
   p_train = jax.pmap(functools.partial(
       train_step, lam=float(config.lam), rng=rng, remat=bool(config.get("remat", False)),
       grad_accum_steps=int(config.get("grad_accum_steps", 1))),
@@ -299,284 +222,8 @@ def evaluate(p_eval_step, state, dataset, prefetch: int = 2) -> dict:
   sums = None
   for batch in pipeline.prefetch_to_device(pipeline.as_numpy(dataset), prefetch):
     sums = metrics_lib.merge(sums, p_eval_step(state, batch))
-  return metrics_lib.finalize(unreplicate(sums))
+  return metrics_lib.finalize(train_state.unreplicate(sums))
 
-
-# ---------------------------------------------------------------------------------------
-# Baselines.
-
-
-_jit_batch_sums = jax.jit(metrics_lib.batch_sums)
-
-
-def baseline_metrics(probs, labels, distributions) -> dict:
-  """Metrics of fixed predictions ``probs`` ``[N, C]`` (or ``[C]``) against a split."""
-  distributions = np.asarray(distributions, np.float32)
-  probs = np.broadcast_to(np.asarray(probs, np.float32), distributions.shape)
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    # One jitted program, not one compilation per operation of batch_sums.
-    sums = _jit_batch_sums(probs, np.asarray(labels, np.int32), distributions)
-    return metrics_lib.finalize(sums)
-
-
-def compute_baselines(builder, split: str = "test") -> dict:
-  """``uniform``, ``train_mean`` and, where the set has an ``oracle`` feature, ``oracle``."""
-  from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  has_oracle = "oracle" in builder.info.features
-  keys = ("label", "distribution") + (("oracle",) if has_oracle else ())
-  target = pipeline.read_targets(builder, split, keys)
-  train = pipeline.read_targets(builder, "train", ("distribution",))
-  c = target["distribution"].shape[1]
-  out = {
-      "uniform": baseline_metrics(np.full((c,), 1.0 / c), target["label"],
-                                  target["distribution"]),
-      "train_mean": baseline_metrics(train["distribution"].mean(0), target["label"],
-                                     target["distribution"]),
-  }
-  if has_oracle:
-    out["oracle"] = baseline_metrics(target["oracle"], target["label"],
-                                     target["distribution"])
-  return out
-
-
-# ---------------------------------------------------------------------------------------
-# The workdir.
-
-
-class _MetricWriter:
-  """metrics.jsonl + TensorBoard scalars (process 0 only)."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.active = jax.process_index() == 0
-    if not self.active:
-      return
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    # A resumed run re-does the steps after its checkpoint, and tests again at the end:
-    # drop the old lines of those.
-    if os.path.exists(self.path):
-      rows = []
-      with open(self.path) as f:
-        for line in f:
-          try:
-            rows.append(json.loads(line))
-          except ValueError:
-            pass  # Blank, or half a line from a process killed while writing it.
-      kept = [json.dumps(r) + "\n" for r in rows
-              if r.get("step", 0) <= resume_step and r.get("split") != "test"]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-    self._tf = tf
-    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    # tf.summary.scalar needs the tensorboard package; tf.summary.write with the scalars
-    # plugin's metadata writes the same event records without it.
-    self._scalar_meta = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-
-  def write(self, step: int, split: str, values: dict):
-    if not self.active:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
-    with self._tb.as_default():
-      for k, v in values.items():
-        if isinstance(v, (int, float)) and k != "count":
-          self._tf.summary.write(f"{split}/{k}", self._tf.constant(float(v), self._tf.float32),
-                                 step=int(step), metadata=self._scalar_meta)
-    self._tb.flush()
-
-  def close(self):
-    if self.active:
-      self._tb.close()
-
-
-class _StopRequest:
-  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and returns at the next step.
-  A second Ctrl-C interrupts at once."""
-
-  def __init__(self):
-    self.signal = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
-    logging.warning("%s received: saving a checkpoint at the next step boundary",
-                    self.signal)
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    return False
-
-
-def default_workdir(config) -> str:
-  """``./workdirs/<config.name>``."""
-  return os.path.join("workdirs", config.get("name", "run"))
-
-
-def validate_config(config) -> None:
-  """Clear errors for settings that would otherwise fail deep inside JAX or TFDS."""
-  if config.data.name != "synthetic" and not config.data.get("path"):
-    raise ValueError(
-        f"data set {config.data.name!r} (preset {config.get('name')!r}) reads its files "
-        "from disk: pass --config.data.path=/path/to/the/data/set/folder")
-  if config.best_metric not in metrics_lib.HIGHER_IS_BETTER:
-    raise ValueError(f"config.best_metric must be one of "
-                     f"{', '.join(metrics_lib.HIGHER_IS_BETTER)}, got {config.best_metric!r}")
-  if not 0.0 <= float(config.lam) <= 1.0:
-    raise ValueError(f"config.lam must be in [0, 1], got {config.lam}")
-  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-    if int(config[name]) <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
-  if config.get("head_init", "random") not in ("random", "probe"):
-    raise ValueError(f"config.head_init must be 'random' or 'probe', got {config.head_init!r}")
-  if config.get("eval_every_epochs") is not None and float(config.eval_every_epochs) <= 0:
-    raise ValueError(f"config.eval_every_epochs must be positive, got {config.eval_every_epochs}")
-  validate_step_config(config)
-  models.get_spec(config.model)
-  if config.model != "small_cnn" and not config.get("pretrained"):
-    logging.warning(
-        "training %s from scratch: the paper fine-tunes ImageNet weights; pass "
-        "--config.pretrained=/path/to/weights (see sdl_jax/weights.py)", config.model)
-
-
-def validate_step_config(config) -> None:
-  """Clear errors for the train step's memory settings, ``remat`` and ``grad_accum_steps``."""
-  remat = config.get("remat", False)
-  if not isinstance(remat, bool):
-    raise ValueError(f"config.remat must be True or False, got {remat!r}")
-  k = config.get("grad_accum_steps", 1)
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ValueError(f"config.grad_accum_steps must be an integer >= 1, got {k!r}")
-  if int(config.batch_size) % k:
-    raise ValueError(f"config.grad_accum_steps={k} must divide config.batch_size="
-                     f"{config.batch_size} (each device's share too)")
-
-
-def quiet_library_logs() -> None:
-  """Drops orbax's and TFDS's INFO chatter (one line per file it touches) from the absl
-  log, keeping their warnings and errors, so the console shows the training progress."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-
-  class _Filter(std_logging.Filter):
-
-    def filter(self, record):
-      noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname
-                  for lib in ("orbax", "tensorflow_datasets"))
-      return not (noisy and record.levelno < std_logging.WARNING)
-
-  handler = logging.get_absl_handler()
-  if not any(type(f).__name__ == "_Filter" for f in handler.filters):
-    handler.addFilter(_Filter())
-
-
-def _maybe_initialize_distributed(config):
-  if not config.get("distributed"):
-    return
-  kwargs = {k: config.get(k) for k in ("coordinator_address", "num_processes", "process_id")
-            if config.get(k) is not None}
-  if not jax.distributed.is_initialized():
-    jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
-
-
-def _write_json(path, obj):
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(obj, f, indent=2, default=str)
-
-
-def _save_config(workdir: str, config) -> None:
-  path = os.path.join(workdir, "config.json")
-  new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-      logging.warning("config differs from the one saved in %s in: %s", path,
-                      ", ".join(changed))
-  _write_json(path, new)
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def replicate(tree, devices=None):
-  """Copies every leaf onto each of ``devices`` (default: the local devices), stacked on a
-  new leading axis, as ``jax.pmap`` expects.
-
-  The stacking happens on the host (numpy): stacking device arrays would compile one small
-  XLA program per leaf shape.
-  """
-  return jax_utils.replicate(jax.device_get(tree), devices=devices)
-
-
-def unreplicate(tree):
-  """A host (numpy) copy of the first replica of each leaf of a replicated (pmap) tree.
-
-  Reads one device's shard rather than indexing ``x[0]`` on the device (which would gather
-  across devices and compile a slice per leaf shape). Unlike ``flax.jax_utils.unreplicate``
-  it also drops the leading axis of a tree replicated over one device of a multi-device
-  host.
-  """
-
-  def one(x):
-    if isinstance(x, jax.Array) and x.ndim >= 1 and x.addressable_shards:
-      return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
-    return np.asarray(x)[0]
-
-  return jax.tree_util.tree_map(one, tree)
-
-
-def _load_data(config, workdir: str):
-  """Prepares the data set, then creates ``workdir`` and copies the build's records into
-  it (process 0). The data comes first so that a failed build leaves no empty workdir."""
-  from sdl_jax import data  # pylint: disable=g-import-not-at-top
-  from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()
-  builder = data.get_builder(config.data)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    buildlog.copy_build_records(builder, workdir)
-  return builder
-
-
-def head_from_probe(state: TrainState, config, builder, model, workdir: str) -> TrainState:
-  """``state`` with its head replaced by the linear probe's on the frozen body's features
-  (``sdl_jax.probe.probe_initialised_head``; features cached in
-  ``config.probe_feature_dir``, default ``workdir/features``):
-  linear probing then fine-tuning, which keeps a random head's large early gradients
-  from distorting the pretrained features."""
-  from sdl_jax import probe  # pylint: disable=g-import-not-at-top
-  head = models.get_spec(config.model).head
-  params = flax.core.unfreeze(state.params)
-  fitted = probe.probe_initialised_head(config, builder, model, _variables(state),
-                                        config.get("probe_feature_dir")
-                                        or os.path.join(workdir, "features"))
-  for name, value in fitted.items():
-    if params[head][name].shape != value.shape:
-      raise ValueError(f"probe head {name} has shape {value.shape}, the model's "
-                       f"{params[head][name].shape}")
-    params[head][name] = jnp.asarray(value, params[head][name].dtype)
-  return state.replace(params=params)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
@@ -585,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   Args:
     config: see ``configs/sdl.py``.
-    workdir: see the module docstring; default ``default_workdir(config)``.
+    workdir: see the module docstring; default ``run_io.default_workdir(config)``.
     stop_after_step: behave as if SIGTERM arrived once this step is done (checkpoint and
       return); for time-boxed jobs and for testing preemption deterministically.
 
@@ -597,19 +244,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     from sdl_jax import probe  # pylint: disable=g-import-not-at-top
     return probe.probe_and_evaluate(config, workdir)
   t_start = time.time()
-  quiet_library_logs()
-  _maybe_initialize_distributed(config)
-  validate_config(config)
-  workdir = workdir or default_workdir(config)
+  run_io.quiet_library_logs()
+  run_io.maybe_initialize_distributed(config)
+  validation.validate_config(config)
+  workdir = workdir or run_io.default_workdir(config)
   from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  builder = _load_data(config, workdir)
+  builder = run_io.load_data(config, workdir)
   num_classes = builder.info.features["label"].num_classes
   class_names = list(builder.info.features["label"].names)
   # Fails early, with a message naming the flag, if the batch does not divide.
   pipeline.per_process_batch(config.batch_size, jax.process_count(), jax.local_device_count())
 
-  model = create_model(config, num_classes)
+  model = train_state.create_model(config, num_classes)
   ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints, config.best_metric,
                                metrics_lib.HIGHER_IS_BETTER[config.best_metric])
   latest = ckpts.latest_step()
@@ -621,29 +268,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   eval_every = int(config.eval_every_steps)
   if config.get("eval_every_epochs"):
     eval_every = max(1, round(float(config.eval_every_epochs) * steps_per_epoch))
-  lr_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+  lr_fn = train_state.create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
   lr_at = jax.jit(lr_fn)  # for the logs: one compilation, not one per schedule operation
-  state = create_train_state(prng_key(config.seed), config, model,
-                             config.image_size, lr_fn, pretrained=latest is None)
+  state = train_state.create_train_state(train_state.prng_key(config.seed), config, model,
+                                         config.image_size, lr_fn, pretrained=latest is None)
   if latest is None and config.get("head_init", "random") == "probe":
-    state = head_from_probe(state, config, builder, model, workdir)
+    state = train_state.head_from_probe(state, config, builder, model, workdir)
   if latest is not None:
     state = ckpts.restore(state, "latest")
     logging.info("resuming from step %d (checkpoint %s)", int(state.step),
                  ckpts.directory("latest", latest))
     print(f"resuming from step {int(state.step)} ({ckpts.directory('latest', latest)})",
           flush=True)
-  _save_config(workdir, config)
-  _write_json(os.path.join(workdir, "run.json"), {
+  run_io.save_config(workdir, config)
+  run_io.write_json(os.path.join(workdir, "run.json"), {
       "model": config.model, "num_classes": num_classes, "class_names": class_names,
       "image_size": config.image_size, "steps_per_epoch": steps_per_epoch,
       "num_train_steps": num_train_steps, "data": builder.info.full_name})
-  writer = _MetricWriter(workdir, start_step)
+  writer = run_io.MetricWriter(workdir, start_step)
 
   p_train_step, p_eval_step = make_pmapped_steps(config)
   val_ds, _, _ = pipeline.eval_dataset(builder, config, "validation")
   prefetch = int(config.get("prefetch_to_device", 2))
-  state = replicate(state)
+  state = train_state.replicate(state)
   train_iter = pipeline.prefetch_to_device(pipeline.as_numpy(train_ds), prefetch)
 
   logging.info("training %s on %s: %d steps (%d per epoch), global batch %d over %d "
@@ -653,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   pending, last_log_step, last_log_time = [], step, time.time()
   input_wait = 0.0  # seconds the device was idle waiting for input, since the last log
   interrupted = None
-  with _StopRequest() as stop:
+  with run_io.StopRequest() as stop:
     while step < num_train_steps:
       if stop_after_step is not None and step >= stop_after_step:
         stop.signal = stop.signal or "stop_after_step"
@@ -683,13 +330,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                      "(input-bound %.0f%%)  |  ETA %s", step, num_train_steps, values["loss"],
                      values["accuracy"], values["kl"], rate,
                      100 * values["input_wait_fraction"],
-                     _duration((num_train_steps - step) / rate))
+                     run_io.duration((num_train_steps - step) / rate))
         pending, last_log_step, last_log_time, input_wait = [], step, now, 0.0
       is_eval = step % eval_every == 0 or step == num_train_steps
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == num_train_steps
       if is_eval or is_ckpt:
         state = sync_batch_stats(state)
-        host = unreplicate(state)  # One device-to-host copy for both checkpoints.
+        # One device-to-host copy for both checkpoints.
+        host = train_state.unreplicate(state)
       if is_eval:
         val = evaluate(p_eval_step, state, val_ds, prefetch)
         writer.write(step, "validation", val)
@@ -703,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         ckpts.save(step, host)
   if interrupted:
     state = sync_batch_stats(state)
-    ckpts.save(step, unreplicate(state))
+    ckpts.save(step, train_state.unreplicate(state))
     ckpts.wait()
     ckpts.close()
     writer.close()
@@ -717,15 +365,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   # Test: the best checkpoint on validation, and the last step for comparison.
   test_ds, _, _ = pipeline.eval_dataset(builder, config, "test")
   last_test = evaluate(p_eval_step, state, test_ds, prefetch)
-  host_template = unreplicate(state)
+  host_template = train_state.unreplicate(state)
   best_step = ckpts.best_step()
   if best_step is not None and best_step != step:
-    best_state = replicate(ckpts.restore(host_template, "best"))
+    best_state = train_state.replicate(ckpts.restore(host_template, "best"))
     best_test = evaluate(p_eval_step, best_state, test_ds, prefetch)
   else:
     best_step, best_test = step, last_test
   writer.write(step, "test", best_test)
-  baselines = compute_baselines(builder, "test")
+  baselines = baselines_lib.compute_baselines(builder, "test")
   from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   results = {
       "name": config.get("name"), "model": config.model, "data": builder.info.full_name,
@@ -739,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       "devices": jax.device_count(), "processes": jax.process_count(),
       "wall_time_s": time.time() - t_start,
   }
-  _write_json(os.path.join(workdir, "results.json"), results)
+  run_io.write_json(os.path.join(workdir, "results.json"), results)
   if jax.process_index() == 0:
     text = report.write_report(workdir, results)
     logging.info("results.json and report.md written to %s", workdir)

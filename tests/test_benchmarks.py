@@ -287,7 +287,7 @@ def _check_memory_rows(rows):
 def test_torch_process_runs_the_trainer_in_a_child_and_reports_its_errors():
   pytest.importorskip("torch")
   from benchmarks import torch_process, torch_train  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
   batch = synthetic_batch(4, 16, 5)
   kwargs = dict(model_kwargs={"widths": [8]}, lr=0.01, weight_decay=5e-4, lam=0.6,
                 channels_last=True, bf16=False, device="cpu")

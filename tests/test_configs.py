@@ -10,7 +10,8 @@ import pytest
 from sdl_jax import distributions
 from sdl_jax import metrics
 from sdl_jax import models
-from sdl_jax import train
+from sdl_jax import train_state
+from sdl_jax import validation
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sdl.py")
 
@@ -54,7 +55,7 @@ def test_default_is_synthetic_small_cnn():
   assert c.name == "synthetic" and c.data.name == "synthetic"
   assert c.model in models.MODEL_SPECS and c.pretrained is None
   assert c.batch_size == 32 and c.lam == 0.8 and c.momentum == 0.9
-  train.validate_config(c)
+  validation.validate_config(c)
 
 
 def test_paper_preset_is_the_released_recipe():
@@ -71,12 +72,12 @@ def test_paper_preset_is_the_released_recipe():
   assert (c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps) == (20, 100, 1000)
   assert (c.data.strategy, c.data.distance, c.data.sigma, c.data.eps) == (
       "combined", "index", distributions.RELEASED_SIGMA, distributions.RELEASED_EPS)
-  train.validate_config(_parse(f"--config={CONFIG}:paper", "--config.data.path=/x"))
+  validation.validate_config(_parse(f"--config={CONFIG}:paper", "--config.data.path=/x"))
 
 
 def test_paper_rate_never_steps_within_its_iterations():
   c = _parse(f"--config={CONFIG}:paper")
-  lr = train.create_learning_rate_fn(c, steps_per_epoch=279, num_train_steps=3000)
+  lr = train_state.create_learning_rate_fn(c, steps_per_epoch=279, num_train_steps=3000)
   assert float(lr(0)) == float(lr(c.num_train_steps - 1)) == pytest.approx(1e-4)
   assert float(lr(c.step_size_steps)) == pytest.approx(1e-5)
 
@@ -127,13 +128,13 @@ def test_unknown_field_and_preset_are_errors():
 def test_real_data_presets_need_a_path(preset):
   c = _parse(f"--config={CONFIG}:{preset}")
   with pytest.raises(ValueError, match=r"--config\.data\.path"):
-    train.validate_config(c)
+    validation.validate_config(c)
 
 
 def test_bad_values_are_named():
   c = _parse(f"--config={CONFIG}", "--config.best_metric=f1")
   with pytest.raises(ValueError, match="config.best_metric"):
-    train.validate_config(c)
+    validation.validate_config(c)
   c = _parse(f"--config={CONFIG}", "--config.lam=1.5")
   with pytest.raises(ValueError, match="config.lam"):
-    train.validate_config(c)
+    validation.validate_config(c)

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 sys.path.insert(0, sys.argv[-1])
 from configs import sdl as sdl_config
-from sdl_jax import models, train
+from sdl_jax import models, train, train_state
 
 
 class TinyNet(nn.Module):
@@ -58,9 +58,9 @@ c.model = "tiny_test"
 c.model_kwargs = ml_collections.ConfigDict()
 c.schedule, c.learning_rate, c.weight_decay = "constant", 0.1, 0.01
 c.batch_size = GLOBAL_BATCH = %(batch)d
-model = train.create_model(c, 8)
-lr_fn = train.create_learning_rate_fn(c, 10, 100)
-state0 = train.create_train_state(train.prng_key(0), c, model, 12, lr_fn)
+model = train_state.create_model(c, 8)
+lr_fn = train_state.create_learning_rate_fn(c, 10, 100)
+state0 = train_state.create_train_state(train_state.prng_key(0), c, model, 12, lr_fn)
 rng = np.random.default_rng(0)
 batches = [{"image": rng.normal(size=(GLOBAL_BATCH, 12, 12, 3)).astype(np.float32),
             "label": rng.integers(0, 8, GLOBAL_BATCH).astype(np.int32),
@@ -71,13 +71,14 @@ batches = [{"image": rng.normal(size=(GLOBAL_BATCH, 12, 12, 3)).astype(np.float3
 def run(rows, devices):
   """Trains on rows of each global batch, split over ``devices``; returns flat params."""
   p_train, _ = train.make_pmapped_steps(c)
-  state = train.replicate(state0, devices=devices)
+  state = train_state.replicate(state0, devices=devices)
   n = len(devices)
   for b in batches:
     local = {k: v[rows].reshape((n, -1) + v.shape[1:]) for k, v in b.items()}
     state, sums = p_train(state, local)
   assert float(sums["count"][0]) == GLOBAL_BATCH  # psum covers the global batch
-  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(train.unreplicate(state).params))[0]
+  flat = jax.tree_util.tree_flatten_with_path(
+      jax.device_get(train_state.unreplicate(state).params))[0]
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
 

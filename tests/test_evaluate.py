@@ -8,7 +8,7 @@ import pytest
 
 from sdl_jax import evaluate
 from sdl_jax import metrics as metrics_lib
-from sdl_jax import report
+from sdl_jax import figures
 
 from workdir_fixture import TINY_STEPS, trained_workdir  # noqa: F401  (fixture)
 
@@ -123,7 +123,7 @@ def test_report_and_figures_written(evaluated):
   text = (workdir / "report.md").read_text()
   for title, rel in ev["figures"].items():
     path = workdir / rel
-    assert report.is_png(str(path)), path
+    assert figures.is_png(str(path)), path
     assert f"![{title}]({rel})" in text
   assert "baseline: uniform" in text and "baseline: training mean" in text
   assert f"{ev['model']['accuracy']:.4f}" in text
@@ -178,7 +178,7 @@ def test_config_for_workdir_takes_eval_flip_from_the_given_config(tmp_path):
 def test_mirrored_evaluation_agrees_between_training_and_evaluate(trained_workdir, tmp_path):  # noqa: F811,E501
   """``eval_flip``: train.eval_step (validation/test during training) and evaluate's
   per-image predictions give the same measures, and they differ from unmirrored ones."""
-  from sdl_jax import data, train  # pylint: disable=g-import-not-at-top
+  from sdl_jax import data, train, train_state  # pylint: disable=g-import-not-at-top
   from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = evaluate.load_config(str(trained_workdir))
   config.eval_flip = True
@@ -187,7 +187,7 @@ def test_mirrored_evaluation_agrees_between_training_and_evaluate(trained_workdi
   pred = evaluate.predict_split(trained, builder, "test")
   by_image = evaluate.model_measures(pred["probs"], pred["label"], pred["distribution"])
 
-  state = train.replicate(evaluate.restore(config, str(trained_workdir))[0])
+  state = train_state.replicate(evaluate.restore(config, str(trained_workdir))[0])
   _, p_eval = train.make_pmapped_steps(config)
   ds, _, _ = pipeline.eval_dataset(builder, config, "test")
   by_step = train.evaluate(p_eval, state, ds)

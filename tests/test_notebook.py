@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sdl_jax import report
+from sdl_jax import figures
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "sdl_colab_tpu.ipynb"
 
@@ -73,7 +73,7 @@ def test_notebook_executes_on_cpu(tmp_path, monkeypatch):
             if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
   # Curves, three evaluation figures, four predictions.
   assert len(images) == 8
-  assert report.is_png(str(workdir / "figures" / "curves.png"))
+  assert figures.is_png(str(workdir / "figures" / "curves.png"))
   predictions = _text(code[8])
   assert predictions.count("oracle says") == 4
   assert "not_an_image.jpg: error:" in predictions

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sdl_jax import predict
-from sdl_jax import report
+from sdl_jax import figures
 
 from workdir_fixture import trained_workdir  # noqa: F401  (fixture)
 
@@ -186,7 +186,7 @@ def test_main_writes_json_lines_plots_and_exit_status(trained_workdir, image_dir
   assert str(d / "bad.jpg") in err and "4 image(s) predicted, 1 failed" in err
   pngs = sorted(os.listdir(plots))
   assert pngs == ["a.png", "grey.png", "rgba.png", "w.png"]
-  assert all(report.is_png(str(plots / p)) for p in pngs)
+  assert all(figures.is_png(str(plots / p)) for p in pngs)
   # Only good images: exit status 0; JSON lines on stdout.
   rc = predict.main(str(trained_workdir), [files["grey"]])
   assert rc == 0

@@ -247,17 +247,17 @@ def test_head_for_raw_features_matches_standardised_head():
 def test_head_from_probe_gives_the_probes_logits(tmp_path):
   """LP-FT's start: the model with the probe's head predicts, in inference mode, what the
   probe's head predicts on the cached features of the same images."""
-  from sdl_jax import train
+  from sdl_jax import run_io, train_state
   from sdl_jax.data import pipeline
   config = _config(_hand_made_flickr(str(tmp_path / "Flickr_LDL"), n=48), tmp_path / "tfds")
   config.probe = False
   config.head_init = "probe"
-  builder = train._load_data(config, str(tmp_path / "work"))  # pylint: disable=protected-access
-  model = train.create_model(config, 8)
-  state = train.create_train_state(train.prng_key(0), config, model, config.image_size,
-                                   lambda step: 0.0)
+  builder = run_io.load_data(config, str(tmp_path / "work"))
+  model = train_state.create_model(config, 8)
+  state = train_state.create_train_state(train_state.prng_key(0), config, model,
+                                         config.image_size, lambda step: 0.0)
   before = np.asarray(state.params["head"]["kernel"])
-  state = train.head_from_probe(state, config, builder, model, str(tmp_path / "work"))
+  state = train_state.head_from_probe(state, config, builder, model, str(tmp_path / "work"))
   assert not np.allclose(before, state.params["head"]["kernel"])
   assert sorted(os.listdir(tmp_path / "work" / "features")) == [
       "test.npz", "train.npz", "validation.npz"]
@@ -265,7 +265,8 @@ def test_head_from_probe_gives_the_probes_logits(tmp_path):
                                    process_count=1, local_device_count=1)
   batch = next(iter(pipeline.as_numpy(ds)))
   keep = batch["mask"][0] > 0
-  logits = np.asarray(model.apply(train._variables(state), batch["image"][0], train=False))[keep]  # pylint: disable=protected-access
+  logits = np.asarray(model.apply(train_state.model_variables(state), batch["image"][0],
+                                  train=False))[keep]
   with np.load(tmp_path / "work" / "features" / "test.npz") as f:
     feats = f["features"][:keep.sum()]
   dense = state.params["head"]
@@ -278,8 +279,8 @@ def test_head_from_probe_gives_the_probes_logits(tmp_path):
 
 
 def test_head_init_is_validated(tmp_path):
-  from sdl_jax import train
+  from sdl_jax import validation
   config = _config(str(tmp_path), tmp_path / "tfds")
   config.head_init = "zeros"
   with pytest.raises(ValueError, match="config.head_init"):
-    train.validate_config(config)
+    validation.validate_config(config)

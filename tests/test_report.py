@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdl_jax import figures
 from sdl_jax import report
 from sdl_jax.emotions import MIKELS8
 
@@ -83,7 +84,7 @@ def test_measure_header_says_direction():
 
 
 def _png_size(path):
-  assert report.is_png(str(path)), path
+  assert figures.is_png(str(path)), path
   with Image.open(path) as im:
     return im.size
 
@@ -91,7 +92,7 @@ def _png_size(path):
 def test_confusion_matrix_figure(tmp_path):
   labels, probs, _ = _random_case()
   cm = report.confusion_matrix(labels, probs.argmax(1), C)
-  w, h = _png_size(report.plot_confusion_matrix(cm, NAMES, str(tmp_path / "cm.png")))
+  w, h = _png_size(figures.plot_confusion_matrix(cm, NAMES, str(tmp_path / "cm.png")))
   assert w > 300 and h > 300
 
 
@@ -101,38 +102,38 @@ def test_gallery_figure_any_image_sizes_and_grey(tmp_path):
   images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
             rng.integers(0, 256, (48, 20), dtype=np.uint8),          # grey
             rng.integers(0, 256, (10, 60, 1), dtype=np.uint8)]       # grey, channel axis
-  path = report.plot_gallery(images, dists, probs, NAMES, str(tmp_path / "g" / "gal.png"),
-                             captions=["a", "b", "c"], title="t")
+  path = figures.plot_gallery(images, dists, probs, NAMES, str(tmp_path / "g" / "gal.png"),
+                              captions=["a", "b", "c"], title="t")
   w, h = _png_size(path)
   assert w > h  # three columns side by side
   with pytest.raises(ValueError, match="at least one image"):
-    report.plot_gallery([], dists[:0], probs[:0], NAMES, str(tmp_path / "empty.png"))
+    figures.plot_gallery([], dists[:0], probs[:0], NAMES, str(tmp_path / "empty.png"))
 
 
 def test_prediction_curves_and_sweep_figures(tmp_path):
   _, probs, _ = _random_case(n=1)
   img = np.zeros((20, 30, 3), np.uint8)
-  _png_size(report.plot_prediction(img, probs[0], NAMES, str(tmp_path / "p.png"), "x"))
+  _png_size(figures.plot_prediction(img, probs[0], NAMES, str(tmp_path / "p.png"), "x"))
   rows = [{"step": s, "train/loss": 2 / (s + 1), "validation/loss": 2.2 / (s + 1),
            "validation/kl": 1 / (s + 1)} for s in range(1, 6)]
-  _png_size(report.plot_curves(rows, str(tmp_path / "c.png")))
+  _png_size(figures.plot_curves(rows, str(tmp_path / "c.png")))
   with pytest.raises(ValueError, match="no numeric metrics"):
-    report.plot_curves([{"step": 1}], str(tmp_path / "none.png"))
+    figures.plot_curves([{"step": 1}], str(tmp_path / "none.png"))
   points = [{"lam": l, "seed": s, "accuracy": 0.5 + 0.1 * l + 0.01 * s, "kl": 1 - 0.3 * l}
             for l in (0.0, 0.5, 1.0) for s in (0, 1)]
-  _png_size(report.plot_sweep(points, str(tmp_path / "s.png")))
+  _png_size(figures.plot_sweep(points, str(tmp_path / "s.png")))
 
 
 def test_is_png_rejects_other_and_truncated_files(tmp_path):
   good = tmp_path / "good.png"
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
-  assert report.is_png(str(good))
+  assert figures.is_png(str(good))
   jpg = tmp_path / "x.png"
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(jpg, format="JPEG")
-  assert not report.is_png(str(jpg))
+  assert not figures.is_png(str(jpg))
   cut = tmp_path / "cut.png"
   cut.write_bytes(good.read_bytes()[:40])
-  assert not report.is_png(str(cut))
+  assert not figures.is_png(str(cut))
 
 
 def test_evaluation_markdown_has_all_rows_and_figures():

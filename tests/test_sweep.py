@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdl_jax import aggregate
-from sdl_jax import report
+from sdl_jax import figures
 from sdl_jax import sweep
 
 from workdir_fixture import (TINY_LAM, TINY_SEED, data_dir, tiny_config,  # noqa: F401
@@ -70,7 +70,7 @@ def test_sweep_trains_each_pair_once_and_summarises(tmp_path):
   assert [r["lam"] for r in out["summary"]] == [0.0, 0.5, 1.0]
   on_disk = json.loads((tmp_path / "sweep.json").read_text())
   assert on_disk == json.loads(json.dumps(out))
-  assert report.is_png(str(tmp_path / "sweep.png"))
+  assert figures.is_png(str(tmp_path / "sweep.png"))
   md = (tmp_path / "sweep.md").read_text()
   assert "`python -m sdl_jax.sweep ...`" in md
   assert "lam=0.5_seed=2" in md and "![accuracy and KL against lambda](sweep.png)" in md
@@ -136,7 +136,7 @@ def test_real_sweep_on_tiny_config(trained_workdir, tmp_path_factory, tmp_path):
   for name, results in (("lam=0_seed=0", trained), ("lam=0.8_seed=0", reused)):
     for m in MEASURES:
       assert by_run[name][m] == pytest.approx(results["test"][m])
-  assert report.is_png(str(tmp_path / "sweep.png"))
+  assert figures.is_png(str(tmp_path / "sweep.png"))
   assert (tmp_path / "sweep.md").exists()
 
 
@@ -198,7 +198,7 @@ def test_aggregation_of_finished_run_dirs_against_numpy(tmp_path):
   r = rows[("probe", 0.8)]
   assert f"| probe | 0.8 | 3 | {r['accuracy_mean']:.4f} +/- {r['accuracy_std']:.4f} |" in md
   assert "Jensen-Shannon (lower)" in md and "Fidelity (higher)" in md
-  assert report.is_png(str(tmp_path / "sweep.png"))
+  assert figures.is_png(str(tmp_path / "sweep.png"))
 
 
 def test_older_runs_without_extra_measures_summarise_as_missing(tmp_path):

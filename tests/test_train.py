@@ -25,6 +25,7 @@ from sdl_jax import evaluate
 from sdl_jax import losses
 from sdl_jax import optim
 from sdl_jax import train
+from sdl_jax import train_state
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,29 +44,30 @@ def _sched_config(**kw):
 
 
 def test_schedules_match_their_formulas():
-  step = train.create_learning_rate_fn(_sched_config(), steps_per_epoch=5, num_train_steps=50)
+  step = train_state.create_learning_rate_fn(_sched_config(), steps_per_epoch=5,
+                                             num_train_steps=50)
   for t in (0, 9, 10, 19, 20, 35):
     assert math.isclose(float(step(t)), 0.1 * 0.5 ** (t // 10), rel_tol=1e-6)
-  cos = train.create_learning_rate_fn(_sched_config(schedule="cosine", warmup_steps=10),
-                                      steps_per_epoch=5, num_train_steps=50)
+  cos = train_state.create_learning_rate_fn(
+      _sched_config(schedule="cosine", warmup_steps=10), steps_per_epoch=5, num_train_steps=50)
   for t in (0, 5, 10, 30, 50):
     want = 0.1 * t / 10 if t < 10 else 0.1 * 0.5 * (1 + math.cos(math.pi * (t - 10) / 40))
     assert math.isclose(float(cos(t)), want, rel_tol=1e-5, abs_tol=1e-9)
   # Caffe's stepsize in iterations, when set, rather than epochs.
-  by_steps = train.create_learning_rate_fn(_sched_config(step_size_steps=7), 5, 50)
+  by_steps = train_state.create_learning_rate_fn(_sched_config(step_size_steps=7), 5, 50)
   for t in (0, 6, 7, 13, 14, 35):
     assert math.isclose(float(by_steps(t)), 0.1 * 0.5 ** (t // 7), rel_tol=1e-6)
   with pytest.raises(ValueError, match="config.step_size_steps"):
-    train.create_learning_rate_fn(_sched_config(step_size_steps=0), 5, 50)
-  const = train.create_learning_rate_fn(_sched_config(schedule="constant"), 5, 50)
+    train_state.create_learning_rate_fn(_sched_config(step_size_steps=0), 5, 50)
+  const = train_state.create_learning_rate_fn(_sched_config(schedule="constant"), 5, 50)
   assert float(const(0)) == float(const(49)) == pytest.approx(0.1)
   with pytest.raises(ValueError, match="config.schedule"):
-    train.create_learning_rate_fn(_sched_config(schedule="poly"), 5, 50)
+    train_state.create_learning_rate_fn(_sched_config(schedule="poly"), 5, 50)
 
 
 def test_param_labels_of_small_cnn():
-  model = train.create_model(sdl_config.get_config(), 8)
-  params, batch_stats = train.initialized(train.prng_key(0), 16, model)
+  model = train_state.create_model(sdl_config.get_config(), 8)
+  params, batch_stats = train_state.initialized(train_state.prng_key(0), 16, model)
   assert batch_stats  # small_cnn has BatchNorm
   labels = flax.traverse_util.flatten_dict(optim.param_labels(params, "head"), sep="/")
   assert labels["head/kernel"] == "head_weight" and labels["head/bias"] == "head_bias"
@@ -116,9 +118,9 @@ def test_train_step_matches_plain_autodiff_and_sgd():
   c.model_kwargs.widths = (4, 8)
   c.model_kwargs.dropout_rate = 0.0
   c.weight_decay = 0.01
-  model = train.create_model(c, 8)
+  model = train_state.create_model(c, 8)
   lr_fn = lambda t: 0.05
-  state = train.create_train_state(train.prng_key(1), c, model, 16, lr_fn)
+  state = train_state.create_train_state(train_state.prng_key(1), c, model, 16, lr_fn)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(6, 16, 16, 3)).astype(np.float32),
            "label": rng.integers(0, 8, 6).astype(np.int32),
@@ -136,9 +138,9 @@ def test_train_step_matches_plain_autodiff_and_sgd():
       state.params, g, optim.param_labels(state.params, "head"))
 
   p_train, _ = train.make_pmapped_steps(c)
-  new_state, sums = p_train(train.replicate(state),
+  new_state, sums = p_train(train_state.replicate(state),
                             jax.tree_util.tree_map(lambda x: x[None], batch))
-  got = train.unreplicate(new_state)
+  got = train_state.unreplicate(new_state)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
                          got.params, want)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -153,15 +155,15 @@ def test_pretrained_body_is_loaded_and_the_head_is_new(tmp_path):
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4, 8)
   # "Pretrained" weights: the same body trained elsewhere, with a 5-way head.
-  other = train.create_model(c, 5)
-  p5, bs5 = train.initialized(train.prng_key(7), 16, other)
+  other = train_state.create_model(c, 5)
+  p5, bs5 = train_state.initialized(train_state.prng_key(7), 16, other)
   path = tmp_path / "pretrained.msgpack"
   path.write_bytes(flax.serialization.msgpack_serialize(
       {"params": jax.device_get(p5), "batch_stats": jax.device_get(bs5)}))
   c.pretrained = str(path)
-  model = train.create_model(c, 8)
-  state = train.create_train_state(train.prng_key(0), c, model, 16, lambda t: 0.1)
-  fresh, _ = train.initialized(train.prng_key(0), 16, model)
+  model = train_state.create_model(c, 8)
+  state = train_state.create_train_state(train_state.prng_key(0), c, model, 16, lambda t: 0.1)
+  fresh, _ = train_state.initialized(train_state.prng_key(0), 16, model)
   np.testing.assert_array_equal(state.params["conv0_0"]["kernel"], p5["conv0_0"]["kernel"])
   np.testing.assert_array_equal(state.batch_stats["bn1_1"]["mean"], bs5["bn1_1"]["mean"])
   assert state.params["head"]["kernel"].shape == (8, 8)
@@ -173,15 +175,15 @@ def test_bfloat16_train_step_runs_and_keeps_float32_params():
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4, 8)
   c.dtype = "bfloat16"
-  model = train.create_model(c, 8)
-  state = train.create_train_state(train.prng_key(1), c, model, 16, lambda t: 0.05)
+  model = train_state.create_model(c, 8)
+  state = train_state.create_train_state(train_state.prng_key(1), c, model, 16, lambda t: 0.05)
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(1, 4, 16, 16, 3)).astype(np.float32),
            "label": rng.integers(0, 8, (1, 4)).astype(np.int32),
            "distribution": rng.dirichlet(np.ones(8), (1, 4)).astype(np.float32),
            "mask": np.ones((1, 4), np.float32)}
   p_train, p_eval = train.make_pmapped_steps(c)
-  new, sums = p_train(train.replicate(state), batch)
+  new, sums = p_train(train_state.replicate(state), batch)
   assert np.isfinite(float(sums["loss"][0]))
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new.params))
   ev = p_eval(new, batch)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from sdl_jax import train
+from sdl_jax import train_state
+from sdl_jax import validation
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,11 +31,12 @@ def _batch(n, size, classes=8, seed=0):
 def _one_step(config, model, batch, size):
   """(params, batch_stats, metric sums) after one pmapped library step from the same
   initial state (seed 1, constant rate 0.05)."""
-  state = train.create_train_state(train.prng_key(1), config, model, size, lambda t: 0.05)
+  state = train_state.create_train_state(train_state.prng_key(1), config, model, size,
+                                         lambda t: 0.05)
   p_train, _ = train.make_pmapped_steps(config)
-  new_state, sums = p_train(train.replicate(state),
+  new_state, sums = p_train(train_state.replicate(state),
                             jax.tree_util.tree_map(lambda x: x[None], batch))
-  got = train.unreplicate(new_state)
+  got = train_state.unreplicate(new_state)
   return (jax.tree_util.tree_map(np.asarray, got.params),
           jax.tree_util.tree_map(np.asarray, got.batch_stats),
           {k: float(v[0]) for k, v in sums.items()})
@@ -59,14 +62,15 @@ def _bn_free_config():
 @pytest.mark.parametrize("k", [2, 4])
 def test_grad_accumulation_equals_one_step_on_the_whole_batch(k):
   c = _bn_free_config()
-  model = train.create_model(c, 8)
+  model = train_state.create_model(c, 8)
   batch = _batch(8, 32)
   want_params, _, want_sums = _one_step(c, model, batch, 32)
   c.grad_accum_steps = k
   got_params, _, got_sums = _one_step(c, model, batch, 32)
   # One step moves the parameters by lr * (g + wd w): compare the moves, not only the
   # parameters (which barely change), so that a wrong gradient cannot hide in them.
-  init = train.create_train_state(train.prng_key(1), c, model, 32, lambda t: 0.05).params
+  init = train_state.create_train_state(train_state.prng_key(1), c, model, 32,
+                                        lambda t: 0.05).params
   move = lambda p: jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), p, init)
   assert max(np.abs(x).max() for x in jax.tree_util.tree_leaves(move(want_params))) > 1e-4
   _assert_trees_close(move(got_params), move(want_params), rtol=2e-4, atol=1e-7)
@@ -83,7 +87,7 @@ def test_grad_accumulation_with_batchnorm_differs_as_documented():
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4, 8)
   c.model_kwargs.dropout_rate = 0.0
-  model = train.create_model(c, 8)
+  model = train_state.create_model(c, 8)
   batch = _batch(8, 16)
   whole = _one_step(c, model, batch, 16)
   c.grad_accum_steps = 2
@@ -92,8 +96,8 @@ def test_grad_accumulation_with_batchnorm_differs_as_documented():
                                                  jax.tree_util.tree_leaves(split[0])))
   assert diff > 1e-6
   # The running statistics: updated by each half in turn, as two plain forward passes do.
-  stats = train.create_train_state(train.prng_key(1), c, model, 16, lambda t: 0.05).batch_stats
-  params = train.create_train_state(train.prng_key(1), c, model, 16, lambda t: 0.05).params
+  fresh = train_state.create_train_state(train_state.prng_key(1), c, model, 16, lambda t: 0.05)
+  stats, params = fresh.batch_stats, fresh.params
   for half in (slice(0, 4), slice(4, 8)):
     _, upd = model.apply({"params": params, "batch_stats": stats}, batch["image"][half],
                          train=True, mutable=["batch_stats"])
@@ -108,7 +112,7 @@ def test_remat_gives_the_same_step(grad_accum):
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4, 8)
   c.grad_accum_steps = grad_accum
-  model = train.create_model(c, 8)
+  model = train_state.create_model(c, 8)
   batch = _batch(8, 16)
   want = _one_step(c, model, batch, 16)
   c.remat = True
@@ -129,21 +133,21 @@ def test_step_settings_are_validated_naming_the_field(field, value, match):
   with c.ignore_type():
     c[field] = value
   with pytest.raises(ValueError, match=match):
-    train.validate_config(c)
+    validation.validate_config(c)
 
 
 def test_the_presets_default_to_the_plain_step():
   for preset in sdl_config.PRESETS:
     c = sdl_config.get_config(preset)
     assert (c.remat, c.grad_accum_steps) == (False, 1), preset
-    train.validate_step_config(c)
+    validation.validate_step_config(c)
 
 
 def test_a_per_device_batch_the_micro_batches_do_not_divide_is_a_clear_error():
   c = sdl_config.get_config()
   c.model_kwargs.widths = (4,)
   c.grad_accum_steps = 4
-  model = train.create_model(c, 8)
+  model = train_state.create_model(c, 8)
   with pytest.raises(ValueError, match="config.grad_accum_steps=4 must divide the per-device "
                      "batch of 6 rows"):
     _one_step(c, model, _batch(6, 8), 8)
@@ -155,7 +159,7 @@ _RUN = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from configs import sdl as sdl_config
-from sdl_jax import train
+from sdl_jax import run_io, train
 
 def rss():
   with open("/proc/self/status") as f:
@@ -169,12 +173,12 @@ spe = int(c.data.num_examples * c.data.split_fractions[0]) // c.batch_size
 c.log_every_steps = spe
 c.eval_every_steps = c.checkpoint_every_steps = 10 * spe
 seen = []
-write = train._MetricWriter.write
+write = run_io.MetricWriter.write
 def logged(self, step, split, values):
   if split == "train":
     seen.append({"step": step, "rss": rss()})
   return write(self, step, split, values)
-train._MetricWriter.write = logged
+run_io.MetricWriter.write = logged
 train.train_and_evaluate(c, sys.argv[3])
 print(json.dumps({"steps_per_epoch": spe, "seen": seen}))
 """

@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
   cpu.configure()  # before JAX starts
 
   from benchmarks import jax_train  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
 
   variants = [v for v in args.variants.split(",") if v]
   images, labels, dists = synthetic_batch(args.batch, args.image_size, 8)

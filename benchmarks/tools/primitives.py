@@ -87,7 +87,7 @@ def summarise(calls: list[dict], steps: int) -> dict:
 
 
 def _child(args) -> None:
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
   size = args.image_size or (64 if args.model == "small_cnn" else 224)
   images, labels, dists = synthetic_batch(args.batch, size, 8)
   if args.child == "jax":

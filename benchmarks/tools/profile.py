@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
   if args.steps < 1:
     p.error(f"--steps must be at least 1, got {args.steps}")
 
-  from benchmarks.run import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
   size = args.image_size or (64 if args.model == "small_cnn" else 224)
   kwargs = json.loads(args.model_kwargs)
   images, labels, dists = synthetic_batch(args.batch, size, 8)
