@@ -77,7 +77,7 @@ def _base() -> ml_collections.ConfigDict:
   # Training memory (sdl_jax.train.train_step). remat: recompute the forward pass in the
   # backward one, keeping only XLA's convolutions' and matrix products' outputs (on the
   # CPU the library's own convolutions are not among them, and EfficientNet-Lite0's peak
-  # RSS rose: benchmarks/results/2026-12-05_epyc-zen3_memory.md). grad_accum_steps:
+  # RSS rose: benchmarks/results/2026-12-05_epyc-zen4_memory.md). grad_accum_steps:
   # split each device's batch into this many micro-batches run one after the other,
   # their gradients averaged before one update (Lite0 at batch 32 with 4: peak RSS 2.0
   # instead of 2.8 GiB; the same update as the whole batch for models without BatchNorm,
