@@ -23,6 +23,7 @@ def validate_config(config) -> None:
   for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if int(config[name]) <= 0:
       raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  validate_ranges(config)
   if config.get("head_init", "random") not in ("random", "probe"):
     raise ValueError(f"config.head_init must be 'random' or 'probe', got {config.head_init!r}")
   if config.get("eval_every_epochs") is not None and float(config.eval_every_epochs) <= 0:
@@ -47,3 +48,44 @@ def validate_step_config(config) -> None:
     raise ValueError(f"config.grad_accum_steps={k} must divide config.batch_size="
                      f"{config.batch_size} (each device's share too)")
 
+
+
+# (field, lowest allowed, whether the lowest itself is allowed, whether unset is allowed)
+_RANGES = (
+    ("batch_size", 1, True, False), ("eval_batch_size", 1, True, True),
+    ("num_epochs", 0, False, False), ("num_train_steps", 1, True, True),
+    ("learning_rate", 0, True, False), ("momentum", 0, True, False),
+    ("weight_decay", 0, True, False), ("warmup_steps", 0, True, False),
+    ("step_size_epochs", 0, False, False), ("gamma", 0, False, False),
+    ("head_lr_mult", 0, True, False), ("bias_lr_mult", 0, True, False),
+    ("keep_checkpoints", 1, True, False), ("image_size", 1, True, False),
+    ("resize_size", 1, True, False), ("prefetch_to_device", 1, True, False),
+)
+
+
+def validate_ranges(config) -> None:
+  """Each numeric field within its range (e.g. ``num_epochs > 0``, ``batch_size >= 1``,
+  ``momentum`` in ``[0, 1)``, split fractions in ``[0, 1]`` summing to 1): a ValueError
+  naming the field otherwise, instead of an untrained model or a silent default."""
+  for name, low, inclusive, optional in _RANGES:
+    if name not in config:
+      continue
+    value = config[name]
+    if value is None and optional:
+      continue
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"config.{name} must be a number, got {value!r}")
+    if value < low or (value == low and not inclusive):
+      bound = f">= {low}" if inclusive else f"> {low}"
+      raise ValueError(f"config.{name} must be {bound}, got {value!r}")
+  if "momentum" in config and not float(config.momentum) < 1:
+    raise ValueError(f"config.momentum must be < 1, got {config.momentum!r}")
+  if int(config.resize_size) < int(config.image_size):
+    raise ValueError(f"config.resize_size ({config.resize_size}) must be at least "
+                     f"config.image_size ({config.image_size}): the crop is taken from it")
+  fractions = config.data.get("split_fractions")
+  if fractions is not None:
+    f = [float(x) for x in fractions]
+    if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1) > 1e-6:
+      raise ValueError("config.data.split_fractions must be three fractions (train, "
+                       f"validation, test) >= 0 summing to 1, got {tuple(fractions)}")

@@ -138,3 +138,27 @@ def test_bad_values_are_named():
   c = _parse(f"--config={CONFIG}", "--config.lam=1.5")
   with pytest.raises(ValueError, match="config.lam"):
     validation.validate_config(c)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.num_train_steps=-5", "config.num_train_steps"),
+    ("--config.num_epochs=0", "config.num_epochs"),
+    ("--config.eval_batch_size=0", "config.eval_batch_size"),
+    ("--config.batch_size=0", "config.batch_size"),
+    ("--config.learning_rate=-0.1", "config.learning_rate"),
+    ("--config.momentum=1.0", "config.momentum"),
+    ("--config.weight_decay=-1e-4", "config.weight_decay"),
+    ("--config.warmup_steps=-1", "config.warmup_steps"),
+    ("--config.gamma=0", "config.gamma"),
+    ("--config.image_size=300", "config.resize_size"),
+    ("--config.data.split_fractions=(0.8,0.1,0.2)", "config.data.split_fractions"),
+])
+def test_out_of_range_numbers_are_named(override, field):
+  c = _parse(f"--config={CONFIG}", override)
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    validation.validate_config(c)
+
+
+@pytest.mark.parametrize("preset", ["synthetic", "ferplus", "flickr_ldl", "paper"])
+def test_presets_are_within_range(preset):
+  validation.validate_ranges(_parse(f"--config={CONFIG}:{preset}"))
