@@ -238,22 +238,7 @@ def load_pretrained(name_or_path: str | os.PathLike, arch: str | None = None,
   cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
   name = str(name_or_path).replace("-", "_")
   if name in PACKAGES:
-    if arch is not None and arch != name:
-      raise ValueError(f"pretrained={name!r} holds {name} weights, not arch={arch!r}")
-    cache_file = cache / f"{name}-v{_FORMAT_VERSION}.msgpack"
-    if cache_file.is_file():
-      try:
-        _, variables = _read_msgpack(cache_file)
-        check_variables(variables, name, f"cached weights {cache_file}")
-        return variables
-      except ValueError:
-        cache_file.unlink(missing_ok=True)  # stale or corrupt: convert again below
-    source = _package_file(name)
-    state_dict = read_torch_state_dict(source)
-    variables = convert_state_dict(state_dict, name)
-    check_variables(variables, name, f"weights in {source}")
-    _write_cache(cache_file, name, variables)
-    return variables
+    return _load_package(name, arch, cache)
 
   path = Path(name_or_path).expanduser()
   if not path.is_file():
@@ -288,6 +273,26 @@ def load_pretrained(name_or_path: str | os.PathLike, arch: str | None = None,
   variables = convert_state_dict(state_dict, inferred)
   check_variables(variables, inferred, str(path), **model_kwargs)
   _write_cache(cache_file, inferred, variables)
+  return variables
+
+
+def _load_package(name: str, arch: str | None, cache: Path) -> dict:
+  """``load_pretrained`` of a named source (a key of ``PACKAGES``)."""
+  if arch is not None and arch != name:
+    raise ValueError(f"pretrained={name!r} holds {name} weights, not arch={arch!r}")
+  cache_file = cache / f"{name}-v{_FORMAT_VERSION}.msgpack"
+  if cache_file.is_file():
+    try:
+      _, variables = _read_msgpack(cache_file)
+      check_variables(variables, name, f"cached weights {cache_file}")
+      return variables
+    except ValueError:
+      cache_file.unlink(missing_ok=True)  # stale or corrupt: convert again below
+  source = _package_file(name)
+  state_dict = read_torch_state_dict(source)
+  variables = convert_state_dict(state_dict, name)
+  check_variables(variables, name, f"weights in {source}")
+  _write_cache(cache_file, name, variables)
   return variables
 
 
