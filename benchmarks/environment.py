@@ -14,7 +14,7 @@ from sdl_jax.cpu import process
 
 def environment(args, torch_device) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl_lib, dnnl_route  # pylint: disable=g-import-not-at-top
   from sdl_jax.cpu import paths as kernels  # pylint: disable=g-import-not-at-top
   env = {
       "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
@@ -33,8 +33,9 @@ def environment(args, torch_device) -> dict:
       "kernels": kernels.mode(),
       "hand_paths": kernels.hand_paths(),
       # Which convolutions the library sends to oneDNN here: all, xla_wgrad, grouped or off.
-      "dnnl": dnnl.mode() if kernels.hand_paths() and dnnl.available() else "off",
-      "onednn": dnnl.version_string() if kernels.hand_paths() and dnnl.available() else None,
+      "dnnl": dnnl_route.mode() if kernels.hand_paths() and dnnl_route.available() else "off",
+      "onednn": (dnnl_lib.version_string()
+                 if kernels.hand_paths() and dnnl_route.available() else None),
       # XLA:CPU runs one intra-op (Eigen) pool of one thread per CPU; no knob sizes it.
       "xla_threads": perf.cpu_count() if jax.default_backend() == "cpu" else None,
       # Whether glibc keeps freed memory in this process (sdl_jax.cpu.process.keep_freed_memory).

@@ -1,7 +1,7 @@
 """PyTorch reference implementations of every backbone in ``sdl_jax.models``.
 
 Plain ``torch.nn`` modules (torchvision does not import beside the pinned torch build),
-written in the PyTorch layouts that ``sdl_jax.weights`` converts: torchvision's VGG-16 and
+written in the PyTorch layouts that ``sdl_jax.torch_layout`` converts: torchvision's VGG-16 and
 ResNet-50, the ``efficientnet-lite-pytorch`` layout of EfficientNet-Lite, and a
 PyTorch twin of ``SmallCNN`` whose parameter names equal the flax ones. The one home of
 the PyTorch twins: the equivalence tests (``tests/test_models.py``, ``test_weights.py``)
@@ -10,7 +10,7 @@ it imports nothing from the library or the tests:
 
     model = make_torch_model("resnet50", num_classes=8).eval()
     randomize_(model, seed=0)   # non-trivial BatchNorm statistics
-    variables = sdl_jax.weights.convert_state_dict(model.state_dict(), "resnet50")
+    variables = sdl_jax.torch_layout.convert_state_dict(model.state_dict(), "resnet50")
 
 Inputs are NCHW float32 here; the flax models take NHWC.
 """

@@ -70,6 +70,76 @@ def _torch_trainer(name: str, args, torch_device, config, images, labels, dists)
   return tt, info
 
 
+def _jax_trainer(name: str, args, images, labels, dists, log):
+  """The JAX trainer of ``name``, compiled and stepped once; returns ``(trainer, config,
+  its figures)``: compile time, parameters, XLA's memory, step GFLOP, first step."""
+  from benchmarks import jax_train  # pylint: disable=g-import-not-at-top
+  config = jax_train.bench_config(name, batch=args.batch, dtype=args.dtype,
+                                  model_kwargs=args.model_kwargs)
+  jt = jax_train.JaxTrainer(config, images, labels, dists, step=args.step,
+                            parallel=args.parallel, donate=not args.no_donate)
+  out = {"compile_s": jt.compile(), "params": jt.num_params, "xla_memory": jt.memory()}
+  hw_flops = jt.step_flops()
+  out["xla_step_gflop"] = (hw_flops * len(jt.devices) / 1e9 if hw_flops and
+                           jt.parallel == "pmap" else
+                           hw_flops / 1e9 if hw_flops else None)
+  out["first_step_s"], out["rss_growth_first_step"] = perf.timed_step(jt.step, jt.sync)
+  out["device_peak_bytes"] = perf.device_peak_bytes(jt.devices[0])
+  log(f"  jax: compiled in {out['compile_s']:.1f} s, first step "
+      f"{out['first_step_s']:.2f} s")
+  return jt, config, out
+
+
+def _repeat_plan(sides, args) -> tuple[int, int, float]:
+  """``(steps per repeat, repeats, seconds per repeat)``: one more untimed step each sizes
+  the timed repeats (at least ``min_repeat_s`` each, ``budget_s`` in all)."""
+  est = {}
+  for side, (step, sync) in sides.items():
+    t0 = time.perf_counter()
+    step()
+    sync()
+    est[side] = time.perf_counter() - t0
+  steps = args.steps or max(1, math.ceil(args.min_repeat_s / min(est.values())))
+  per_repeat = steps * sum(est.values())
+  repeats = args.repeats
+  if per_repeat * repeats > args.budget_s:
+    repeats = max(args.min_repeats, int(args.budget_s // per_repeat))
+  return steps, repeats, per_repeat
+
+
+def _time_interleaved(sides, steps: int, repeats: int) -> dict:
+  """Seconds of ``steps`` steps per repeat and side, the sides' order alternating."""
+  times = {side: [] for side in sides}
+  order = list(sides)
+  for r in range(repeats):
+    for side in (order if r % 2 == 0 else order[::-1]):
+      step, sync = sides[side]
+      sync()
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        step()
+      sync()
+      times[side].append(time.perf_counter() - t0)
+  return times
+
+
+def _summarize(out: dict, times: dict, steps: int, batch: int, model_flops, peak_flops):
+  """Adds each side's images/s, step time, TFLOP/s and MFU to ``out``, and the JAX /
+  PyTorch ratios where both ran."""
+  for side in times:
+    ips = [batch * steps / t for t in times[side]]
+    out[side]["images_per_s"] = _stats(ips)
+    out[side]["step_s"] = _stats([t / steps for t in times[side]])
+    if model_flops:
+      achieved = model_flops / out[side]["step_s"]["median"]
+      out[side]["model_tflop_per_s"] = achieved / 1e12
+      out[side]["mfu"] = achieved / peak_flops if peak_flops else None
+  if "torch" in times:
+    # Ratio of medians, and the median of per-repeat ratios (pairs timed back to back).
+    out["ratio"] = out["jax"]["images_per_s"]["median"] / out["torch"]["images_per_s"]["median"]
+    out["ratio_paired"] = float(np.median(np.asarray(times["torch"]) / np.asarray(times["jax"])))
+
+
 def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
   """Interleaved JAX / PyTorch train-step timing of one model (``benchmarks.run``'s
   docstring says how)."""
@@ -85,22 +155,7 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
   out["forward_gflop_per_image"] = fwd / args.batch / 1e9 if fwd else None
   model_flops = 3 * fwd if fwd else None  # per step: forward + backward (2x forward)
 
-  config = jax_train.bench_config(name, batch=args.batch, dtype=args.dtype,
-                                  model_kwargs=args.model_kwargs)
-  jt = jax_train.JaxTrainer(config, images, labels, dists, step=args.step,
-                            parallel=args.parallel, donate=not args.no_donate)
-  out["jax"] = {"compile_s": jt.compile(), "params": jt.num_params,
-                "xla_memory": jt.memory()}
-  hw_flops = jt.step_flops()
-  out["jax"]["xla_step_gflop"] = (hw_flops * len(jt.devices) / 1e9 if hw_flops and
-                                  jt.parallel == "pmap" else
-                                  hw_flops / 1e9 if hw_flops else None)
-  out["jax"]["first_step_s"], out["jax"]["rss_growth_first_step"] = perf.timed_step(
-      jt.step, jt.sync)
-  out["jax"]["device_peak_bytes"] = perf.device_peak_bytes(jt.devices[0])
-  log(f"  jax: compiled in {out['jax']['compile_s']:.1f} s, first step "
-      f"{out['jax']['first_step_s']:.2f} s")
-
+  jt, config, out["jax"] = _jax_trainer(name, args, images, labels, dists, log)
   sides = {"jax": (lambda: jt.step(), jt.sync)}
   if torch_device:
     tt, out["torch"] = _torch_trainer(name, args, torch_device, config, images, labels,
@@ -108,46 +163,13 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
     sides["torch"] = (lambda: tt.step(), tt.sync)
     log(f"  torch: first step {out['torch']['first_step_s']:.2f} s")
 
-  # One more untimed step each sizes the timed repeats.
-  est = {}
-  for side, (step, sync) in sides.items():
-    t0 = time.perf_counter()
-    step()
-    sync()
-    est[side] = time.perf_counter() - t0
-  steps = args.steps or max(1, math.ceil(args.min_repeat_s / min(est.values())))
-  per_repeat = steps * sum(est.values())
-  repeats = args.repeats
-  if per_repeat * repeats > args.budget_s:
-    repeats = max(args.min_repeats, int(args.budget_s // per_repeat))
+  steps, repeats, per_repeat = _repeat_plan(sides, args)
   out["steps_per_repeat"], out["repeats"] = steps, repeats
   log(f"  timing {repeats} x {steps} step(s) per side (~{per_repeat * repeats:.0f} s)")
-
-  times = {side: [] for side in sides}
-  order = list(sides)
-  for r in range(repeats):
-    for side in (order if r % 2 == 0 else order[::-1]):
-      step, sync = sides[side]
-      sync()
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        step()
-      sync()
-      times[side].append(time.perf_counter() - t0)
-  for side in sides:
-    ips = [args.batch * steps / t for t in times[side]]
-    out[side]["images_per_s"] = _stats(ips)
-    out[side]["step_s"] = _stats([t / steps for t in times[side]])
-    if model_flops:
-      achieved = model_flops / out[side]["step_s"]["median"]
-      out[side]["model_tflop_per_s"] = achieved / 1e12
-      out[side]["mfu"] = achieved / peak_flops if peak_flops else None
-  if "torch" in sides:
-    # Ratio of medians, and the median of per-repeat ratios (pairs timed back to back).
-    out["ratio"] = out["jax"]["images_per_s"]["median"] / out["torch"]["images_per_s"]["median"]
-    out["ratio_paired"] = float(np.median(np.asarray(times["torch"]) / np.asarray(times["jax"])))
-    if isinstance(tt, torch_process.TorchProcess):
-      tt.close()  # (a daemon: it dies with this process should anything above raise)
+  times = _time_interleaved(sides, steps, repeats)
+  _summarize(out, times, steps, args.batch, model_flops, peak_flops)
+  if "torch" in sides and isinstance(tt, torch_process.TorchProcess):
+    tt.close()  # (a daemon: it dies with this process should anything above raise)
   del jt
   jax.clear_caches()
   return out

@@ -98,13 +98,13 @@ def onednn_matmul_peak(n: int = 2048, dtype: Any = None, repeats: int = 5,
   """The same measurement with the matmul run by the library's oneDNN convolution (a 1x1
   convolution of ``[1, n, 1, n]`` by ``[1, 1, n, n]`` is an ``[n, n] @ [n, n]`` product),
   the kernels the train step's convolutions use on the CPU; None where oneDNN does not
-  take ``dtype`` here (``dnnl.takes``). On some CPUs it outruns XLA's own matmul, and
+  take ``dtype`` here (``dnnl_route.takes``). On some CPUs it outruns XLA's own matmul, and
   without it a model's FLOP utilisation could read above 100%."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl, dnnl_route  # pylint: disable=g-import-not-at-top
   dtype = jnp.float32 if dtype is None else dtype
-  if jax.default_backend() != "cpu" or not dnnl.takes(1, dtype):
+  if jax.default_backend() != "cpu" or not dnnl_route.takes(1, dtype):
     return None
   w = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, n, n)) / np.sqrt(n), dtype)
   nowhere = ((0, 0), (0, 0))

@@ -95,14 +95,14 @@ def test_timed_step_times_step_then_sync_and_their_memory():
 
 
 def test_onednn_matmul_peak_is_a_rate_where_onednn_takes_the_dtype():
-  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl_route  # pylint: disable=g-import-not-at-top
   flops = perf.onednn_matmul_peak(n=64, repeats=2, inner=2)
-  if dnnl.takes(1):
+  if dnnl_route.takes(1):
     # Between a megaflop and a petaflop per second: a rate, not seconds or a count.
     assert flops is not None and 1e6 < flops < 1e15
   else:
     assert flops is None
-  with dnnl.disabled():
+  with dnnl_route.disabled():
     assert perf.onednn_matmul_peak(n=64, repeats=1, inner=1) is None
 
 
@@ -206,8 +206,8 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
   # PyTorch's runs glibc's defaults (its child's configure reads its own $SDL_JAX_MALLOC).
   assert res["env"]["malloc_keep"] == (platform.libc_ver()[0] == "glibc")
   assert res["env"]["cpu_isa"] == perf.cpu_isa()
-  from sdl_jax.cpu import dnnl  # pylint: disable=g-import-not-at-top
-  assert res["env"]["dnnl"] == (dnnl.mode() if dnnl.available() else "off")
+  from sdl_jax.cpu import dnnl_route  # pylint: disable=g-import-not-at-top
+  assert res["env"]["dnnl"] == (dnnl_route.mode() if dnnl_route.available() else "off")
   assert 1e6 < res["peak"]["peak"] < 1e15
   assert res["peak"]["peak"] == max(res["peak"][k] for k in ("jax", "torch", "onednn")
                                     if k in res["peak"])
@@ -507,7 +507,7 @@ def test_primitives_parses_both_verbose_layouts_and_compares_medians():
 def test_primitives_smoke_run_matches_the_two_frameworks_calls(tmp_path):
   pytest.importorskip("torch")
   from benchmarks.tools import primitives
-  from sdl_jax.cpu import dnnl
+  from sdl_jax.cpu import dnnl_route
   out = tmp_path / "prims.json"
   report = primitives.main(["--model=small_cnn", "--batch=2", "--image_size=16",
                             "--steps=1", "--rounds=1", f"--out={out}"])
@@ -515,7 +515,7 @@ def test_primitives_smoke_run_matches_the_two_frameworks_calls(tmp_path):
   assert all(0 < report["step_ms"][f] < 60_000 for f in ("jax", "torch"))
   convs = [r for r in report["rows"] if r["primitive"] == "convolution"]
   assert any(r["torch"] for r in convs)  # PyTorch's convolutions run on its oneDNN
-  if dnnl.available():
+  if dnnl_route.available():
     both = [r for r in convs if r["jax"] and r["torch"]]
     assert {r["direction"] for r in both} >= {"forward_training", "backward_data",
                                               "backward_weights"}

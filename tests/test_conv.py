@@ -10,10 +10,10 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from sdl_jax.cpu import dnnl
+from sdl_jax.cpu import dnnl_route
 from sdl_jax.cpu.conv import conv_general_dilated as fast_conv
-from sdl_jax.cpu.conv import (depthwise_input_grad_strided, depthwise_weight_grad,
-                              strided_weight_grad)
+from sdl_jax.cpu.dense import strided_weight_grad
+from sdl_jax.cpu.depthwise import depthwise_input_grad_strided, depthwise_weight_grad
 from sdl_jax.cpu.pool import max_pool_2x2
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -40,7 +40,7 @@ CASES = [  # (H, Cin, Cout, kernel, strides, padding, groups)
 
 def no_dnnl_conv(*args, **kwargs):
   """``fast_conv`` traced with oneDNN off: XLA's kernels and the hand paths."""
-  with dnnl.disabled():
+  with dnnl_route.disabled():
     return fast_conv(*args, **kwargs)
 
 
@@ -141,7 +141,7 @@ def test_max_pool_2x2_gradient_goes_to_the_first_maximum(ties):
     assert (x.reshape(2, 7, 6, 3)[:, :6].reshape(2, 3, 2, 3, 2, 3) == 0).all(axis=(2, 4)).any()
 
 
-@dnnl.disabled()
+@dnnl_route.disabled()
 def test_pointwise_gradient_is_a_dot_not_a_convolution():
   """The point of the 1x1 path (without oneDNN): no convolution (and its operand
   transposes) in the step."""
@@ -224,7 +224,7 @@ def test_depthwise_strided_input_gradient_equals_reference(h, k, strides, paddin
                              rtol=1e-5, atol=1e-5)
 
 
-@dnnl.disabled()
+@dnnl_route.disabled()
 def test_depthwise_weight_gradient_is_one_reduction():
   """The point of the depthwise VJP (without oneDNN): all taps summed by one (variadic)
   reduce, no conv."""
@@ -269,7 +269,7 @@ def test_strided_weight_gradient_equals_reference(h, k, strides, padding):
                              rtol=1e-5, atol=1e-5)
 
 
-@dnnl.disabled()
+@dnnl_route.disabled()
 def test_strided_weight_gradient_has_no_dilated_kernel():
   """The point of the strided VJP (without oneDNN): autodiff's weight gradient convolves
   with the output gradient dilated by the stride (``rhs_dilation=(2, 2)``); the library's

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from sdl_jax import cpu
-from sdl_jax.cpu import dnnl, paths, process
+from sdl_jax.cpu import dnnl_route, paths, process
 
 REPO = Path(__file__).resolve().parents[1]
 GLIBC = platform.libc_ver()[0] == "glibc"
@@ -48,7 +48,7 @@ print(json.dumps(dict(applied=cpu.applied(), kept=process.freed_memory_kept(), f
 
 def _child(setup: str, tmp_path, **env) -> dict:
   base = {k: v for k, v in os.environ.items()
-          if k not in ("XLA_FLAGS", cpu.MALLOC_ENV, paths.ENV, dnnl.ENV)}
+          if k not in ("XLA_FLAGS", cpu.MALLOC_ENV, paths.ENV, dnnl_route.ENV)}
   base.update(PYTHONPATH=str(REPO), SDL_JAX_CACHE=str(tmp_path / "cache"), **env)
   proc = subprocess.run([sys.executable, "-c", _CHILD.format(setup=setup)], env=base,
                         capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -178,9 +178,9 @@ def test_configure_after_jax_started_sets_the_modes_and_warns(monkeypatch, caplo
   import jax  # pylint: disable=g-import-not-at-top
   jax.devices()  # started
   monkeypatch.setattr(paths, "_configured", "auto")  # restored after the test
-  monkeypatch.setattr(dnnl, "_configured", "auto")
+  monkeypatch.setattr(dnnl_route, "_configured", "auto")
   monkeypatch.delenv(paths.ENV, raising=False)
-  monkeypatch.delenv(dnnl.ENV, raising=False)
+  monkeypatch.delenv(dnnl_route.ENV, raising=False)
   monkeypatch.delenv(cpu.MALLOC_ENV, raising=False)
   monkeypatch.setattr(cpu, "_applied", {})
   before = os.environ.get("XLA_FLAGS")
@@ -189,7 +189,7 @@ def test_configure_after_jax_started_sets_the_modes_and_warns(monkeypatch, caplo
         {"cpu": {"kernels": "xla", "dnnl": "off", "malloc": "keep"}}))
   assert "JAX has started already" in caplog.text
   assert os.environ.get("XLA_FLAGS") == before and out["xla_flags"] == []
-  assert paths.mode() == "xla" and not paths.hand_paths() and dnnl.mode() == "off"
+  assert paths.mode() == "xla" and not paths.hand_paths() and dnnl_route.mode() == "off"
   assert cpu.applied() == out and out["malloc"] == "keep"
   with pytest.raises(ValueError, match="config.cpu.kernels='gpu'"):
     cpu.configure(ml_collections.ConfigDict({"cpu": {"kernels": "gpu"}}))

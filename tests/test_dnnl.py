@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from sdl_jax.cpu import dnnl
+from sdl_jax.cpu import dnnl, dnnl_lib, dnnl_route
 from sdl_jax.cpu.conv import conv_general_dilated as library_conv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,12 +23,12 @@ DN = ("NHWC", "HWIO", "NHWC")
 def _dnnl_on():
   """By default (``auto``) only some convolutions go to oneDNN on some CPUs; these tests
   send every one there."""
-  with dnnl.use(True):
+  with dnnl_route.use(True):
     yield
 
 
-with dnnl.use(True):
-  _AVAILABLE = dnnl.available()
+with dnnl_route.use(True):
+  _AVAILABLE = dnnl_route.available()
 # .ci/run installs oneDNN; elsewhere these tests say why they cannot run.
 needs_dnnl = pytest.mark.skipif(not _AVAILABLE,
                                 reason="oneDNN convolutions unavailable here (logged reason; "
@@ -95,22 +95,22 @@ def test_library_sends_float32_nhwc_convolutions_to_dnnl_only():
       lambda x, w: library_conv(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw))(x, w))
   assert "SdlDnnlConvFwd" in trace(x, w)
   assert "SdlDnnlConvFwd" in trace(x, jnp.ones((3, 3, 1, 4)), feature_group_count=4)
-  # bfloat16 only where this CPU has fast bfloat16 kernels (dnnl.bf16); float16, another
+  # bfloat16 only where this CPU has fast bfloat16 kernels (dnnl_route.bf16); float16, another
   # layout, and with oneDNN off: not oneDNN.
   bf = lambda a: a.astype(jnp.bfloat16)
-  assert ("SdlDnnlConvFwd" in trace(bf(x), bf(w))) == dnnl.bf16()
+  assert ("SdlDnnlConvFwd" in trace(bf(x), bf(w))) == dnnl_route.bf16()
   assert "SdlDnnlConv" not in trace(x.astype(jnp.float16), w.astype(jnp.float16))
   nchw = str(jax.make_jaxpr(lambda x, w: library_conv(
       x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")))(
           jnp.ones((2, 4, 6, 6)), jnp.ones((4, 4, 3, 3))))
   assert "SdlDnnlConv" not in nchw
-  with dnnl.disabled():
+  with dnnl_route.disabled():
     assert "SdlDnnlConv" not in trace(x, w)
   assert "SdlDnnlConvFwd" in trace(x, w)
 
 
 needs_bf16 = pytest.mark.skipif(
-    not (_AVAILABLE and dnnl.bf16()),
+    not (_AVAILABLE and dnnl_route.bf16()),
     reason="no oneDNN bfloat16 kernels on this CPU (needs avx512_bf16 or amx_bf16)")
 
 
@@ -155,8 +155,8 @@ def test_bf16_conv_value_and_gradients_match_float32_lax(h, cin, cout, k, stride
 @needs_dnnl
 def test_bf16_stays_on_xla_where_the_cpu_has_no_fast_kernels(monkeypatch):
   x, w = jnp.ones((2, 6, 6, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 4), jnp.bfloat16)
-  monkeypatch.setattr(dnnl, "_bf16", False)
-  assert not dnnl.bf16() and not dnnl.takes(1, jnp.bfloat16) and dnnl.takes(1)
+  monkeypatch.setattr(dnnl_lib, "_bf16", False)
+  assert not dnnl_route.bf16() and not dnnl_route.takes(1, jnp.bfloat16) and dnnl_route.takes(1)
   jaxpr = str(jax.make_jaxpr(lambda x, w: library_conv(x, w, (1, 1), "SAME",
                                                        dimension_numbers=DN))(x, w))
   assert "SdlDnnlConv" not in jaxpr and "conv_general_dilated" in jaxpr
@@ -189,7 +189,7 @@ def test_small_cnn_bf16_train_step_gradients_as_close_to_float32_as_xla_paths():
                          mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
       return jnp.sum(jnp.sin(y.astype(jnp.float32)))
 
-    with dnnl.use(dnnl_on):
+    with dnnl_route.use(dnnl_on):
       if dtype == jnp.bfloat16:
         assert ("SdlDnnlConv" in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
                 ) == dnnl_on
@@ -226,7 +226,7 @@ def test_small_cnn_train_step_gradients_match_xla_paths(batch, size, kwargs):
     return loss
 
   got = jax.jit(jax.grad(make_loss()))(variables["params"])
-  with dnnl.disabled():
+  with dnnl_route.disabled():
     want = jax.jit(jax.grad(make_loss()))(variables["params"])
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
@@ -237,8 +237,9 @@ def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
   (``auto``) with a compiler that fails logged at info level only, asked for with that
   compiler with a warning."""
   code = ("import logging, jax.numpy as jnp; logging.basicConfig();"
-          "from sdl_jax.cpu import dnnl; from sdl_jax.cpu.conv import conv_general_dilated as c;"
-          "print('AVAILABLE', dnnl.available());"
+          "from sdl_jax.cpu import dnnl_route;"
+          "from sdl_jax.cpu.conv import conv_general_dilated as c;"
+          "print('AVAILABLE', dnnl_route.available());"
           "y = c(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (1, 1), 'SAME',"
           " dimension_numbers=('NHWC', 'HWIO', 'NHWC')); print('SUM', float(y.sum()))")
   base = dict(os.environ, PYTHONPATH=str(REPO), SDL_JAX_CACHE=str(tmp_path / "cache"),
@@ -259,38 +260,39 @@ def test_xla_convolutions_when_off_or_when_the_build_fails(tmp_path):
 
 
 def test_modes_from_use_the_environment_and_the_config(monkeypatch):
-  assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 20603) == "all"
-  assert dnnl.auto_mode(["avx2", "fma", "avx512f"], 30200) == "all"
-  assert dnnl.auto_mode(["avx2", "fma"], 30200) == "xla_large_wgrad"
-  assert dnnl.auto_mode(["avx2", "fma"], 20603) == dnnl.auto_mode([]) == "grouped"
-  monkeypatch.setattr(dnnl, "_override", None)  # not this module's fixture's choice
-  monkeypatch.setattr(dnnl, "_configured", "auto")
-  for value, want in [("", dnnl.auto_mode()), ("auto", dnnl.auto_mode()), ("ALL", "all"),
-                      ("grouped", "grouped"), ("xla_large_wgrad", "xla_large_wgrad"),
+  assert dnnl_route.auto_mode(["avx2", "fma", "avx512f"], 20603) == "all"
+  assert dnnl_route.auto_mode(["avx2", "fma", "avx512f"], 30200) == "all"
+  assert dnnl_route.auto_mode(["avx2", "fma"], 30200) == "xla_large_wgrad"
+  assert dnnl_route.auto_mode(["avx2", "fma"], 20603) == dnnl_route.auto_mode([]) == "grouped"
+  monkeypatch.setattr(dnnl_route, "_override", None)  # not this module's fixture's choice
+  monkeypatch.setattr(dnnl_route, "_configured", "auto")
+  for value, want in [("", dnnl_route.auto_mode()), ("auto", dnnl_route.auto_mode()),
+                      ("ALL", "all"), ("grouped", "grouped"),
+                      ("xla_large_wgrad", "xla_large_wgrad"),
                       (" off ", "off")]:
     monkeypatch.setenv("SDL_JAX_DNNL", value)
-    assert dnnl.mode() == want, value
-    assert dnnl.requested() == (want != "off")
+    assert dnnl_route.mode() == want, value
+    assert dnnl_route.requested() == (want != "off")
   for dropped in ("1", "on", "xla_wgrad", "xla_spatial_wgrad", "maybe"):
     monkeypatch.setenv("SDL_JAX_DNNL", dropped)
     with pytest.raises(ValueError, match=f"SDL_JAX_DNNL='{dropped}'.*auto, all, "
                                          "xla_large_wgrad, grouped, off"):
-      dnnl.mode()
+      dnnl_route.mode()
   monkeypatch.delenv("SDL_JAX_DNNL")
-  dnnl.set_default("grouped")  # config.cpu.dnnl, below the environment
-  assert dnnl.mode() == "grouped"
+  dnnl_route.set_default("grouped")  # config.cpu.dnnl, below the environment
+  assert dnnl_route.mode() == "grouped"
   monkeypatch.setenv("SDL_JAX_DNNL", "off")
-  assert dnnl.mode() == "off"
+  assert dnnl_route.mode() == "off"
   with pytest.raises(ValueError, match="config.cpu.dnnl='dense'"):
-    dnnl.set_default("dense")
-  with pytest.raises(ValueError, match="dnnl.use='dense'"):
-    with dnnl.use("dense"):
+    dnnl_route.set_default("dense")
+  with pytest.raises(ValueError, match="dnnl_route.use='dense'"):
+    with dnnl_route.use("dense"):
       pass
-  with dnnl.use("grouped"):  # use() wins over the environment
-    assert dnnl.mode() == "grouped"
-    with dnnl.use(False):
-      assert dnnl.mode() == "off"
-    assert dnnl.mode() == "grouped"
+  with dnnl_route.use("grouped"):  # use() wins over the environment
+    assert dnnl_route.mode() == "grouped"
+    with dnnl_route.use(False):
+      assert dnnl_route.mode() == "off"
+    assert dnnl_route.mode() == "grouped"
 
 
 @needs_dnnl
@@ -298,11 +300,11 @@ def test_grouped_mode_sends_only_grouped_convolutions_to_dnnl():
   x = jnp.ones((2, 6, 6, 4))
   trace = lambda w, **kw: str(jax.make_jaxpr(
       lambda x, w: library_conv(x, w, (1, 1), "SAME", dimension_numbers=DN, **kw))(x, w))
-  with dnnl.use("grouped"):
+  with dnnl_route.use("grouped"):
     assert "SdlDnnlConv" not in trace(jnp.ones((3, 3, 4, 4)))
     assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 1, 4)), feature_group_count=4)
     assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 2, 4)), feature_group_count=2)
-  with dnnl.use("all"):
+  with dnnl_route.use("all"):
     assert "SdlDnnlConvFwd" in trace(jnp.ones((3, 3, 4, 4)))
 
 
@@ -320,15 +322,15 @@ def test_xla_large_wgrad_mode_value_and_gradients_equal_lax(k, strides, padding,
   weight gradient too for 1x1 ones and those with fewer than ``LARGE_WGRAD_MACS``
   multiply-adds (all of these with 1e9; none larger than 1x1 with 1), else on XLA's path;
   grouped ones wholly on oneDNN."""
-  monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", limit)
-  monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: False)
+  monkeypatch.setattr(dnnl_route, "LARGE_WGRAD_MACS", limit)
+  monkeypatch.setattr(dnnl_route, "blocked_weight_grad", lambda groups, w_shape: False)
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=(2, 9, 10, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, 4, 6)), jnp.float32)
   loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
   ref = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
   mine = lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN)
-  with dnnl.use("xla_large_wgrad"):
+  with dnnl_route.use("xla_large_wgrad"):
     jaxpr = str(jax.make_jaxpr(jax.grad(loss(mine), argnums=(0, 1)))(x, w))
     got = jax.jit(jax.grad(loss(mine), argnums=(0, 1)))(x, w)
     value = jax.jit(mine)(x, w)
@@ -347,33 +349,33 @@ def test_weight_grad_routing_by_mode_kernel_and_multiply_adds(monkeypatch):
   x_shape, strides, padding = (2, 9, 10, 4), (2, 1), ((1, 0), (1, 1))
   w3, w1 = (3, 3, 4, 6), (1, 1, 4, 6)
   ho, wo = (9 + 1 + 0 - 3) // 2 + 1, (10 + 2 - 3) // 1 + 1
-  assert dnnl.out_shape(x_shape, w3, strides, padding) == (2, ho, wo, 6) == jax.eval_shape(
+  assert dnnl_route.out_shape(x_shape, w3, strides, padding) == (2, ho, wo, 6) == jax.eval_shape(
       lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN),
       jnp.zeros(x_shape), jnp.zeros(w3)).shape
   macs = 2 * ho * wo * 3 * 3 * 4 * 6
-  takes = lambda groups, w: dnnl.takes_weight_grad(groups, x_shape, w, strides, padding)
-  with dnnl.use("xla_large_wgrad"):
-    monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", macs + 1)
+  takes = lambda groups, w: dnnl_route.takes_weight_grad(groups, x_shape, w, strides, padding)
+  with dnnl_route.use("xla_large_wgrad"):
+    monkeypatch.setattr(dnnl_route, "LARGE_WGRAD_MACS", macs + 1)
     assert takes(1, w3) and takes(1, w1) and takes(2, (3, 3, 2, 6))
-    monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", macs)
+    monkeypatch.setattr(dnnl_route, "LARGE_WGRAD_MACS", macs)
     assert not takes(1, w3) and takes(1, w1) and takes(2, (3, 3, 2, 6))
-    monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1)
+    monkeypatch.setattr(dnnl_route, "LARGE_WGRAD_MACS", 1)
     assert takes(1, w1)  # 1x1: oneDNN's whatever the size
     # Large ones that do not widen: oneDNN's where it runs them on its blocked layout.
     square = (3, 3, 6, 6)
     for blocked in (True, False):
-      monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: blocked)
+      monkeypatch.setattr(dnnl_route, "blocked_weight_grad", lambda groups, w_shape: blocked)
       assert takes(1, square) == blocked and takes(1, w1)
-  monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1e9)
+  monkeypatch.setattr(dnnl_route, "LARGE_WGRAD_MACS", 1e9)
   for mode, want3, want1 in [("all", True, True), ("grouped", False, False)]:
-    with dnnl.use(mode):
+    with dnnl_route.use(mode):
       assert (takes(1, w3), takes(1, w1), takes(2, (3, 3, 2, 6))) == (want3, want1, True)
 
 
 @needs_dnnl
 def test_xla_large_wgrad_mode_second_order_gradients_equal_lax(monkeypatch):
-  monkeypatch.setattr(dnnl, "LARGE_WGRAD_MACS", 1)  # the weight gradient on XLA's path
-  monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: False)
+  monkeypatch.setattr(dnnl_route, "LARGE_WGRAD_MACS", 1)  # the weight gradient on XLA's path
+  monkeypatch.setattr(dnnl_route, "blocked_weight_grad", lambda groups, w_shape: False)
   strides, padding = (1, 1), ((1, 1), (1, 1))
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(2, 6, 7, 3)), jnp.float32)
@@ -385,7 +387,7 @@ def test_xla_large_wgrad_mode_second_order_gradients_equal_lax(monkeypatch):
       return jnp.sum(jnp.sin(gx)) + jnp.sum(jnp.cos(gw))
     return jax.grad(inner, argnums=(0, 1))(x, w)
 
-  with dnnl.use("xla_large_wgrad"):
+  with dnnl_route.use("xla_large_wgrad"):
     got = outer(lambda x, w: library_conv(x, w, strides, padding, dimension_numbers=DN))
   want = outer(lambda x, w: lax.conv_general_dilated(x, w, strides, padding,
                                                       dimension_numbers=DN))
@@ -395,44 +397,45 @@ def test_xla_large_wgrad_mode_second_order_gradients_equal_lax(monkeypatch):
 
 @needs_dnnl
 def test_loading_logs_the_version_at_info_level():
-  """(Logging it once recursed into ``_load`` until the stack ran out: run.py logs at
+  """(Logging it once recursed into ``dnnl_lib.load`` until the stack ran out: run.py logs at
   info level.)"""
   code = ("import logging; logging.basicConfig(level=logging.INFO);"
-          "from sdl_jax.cpu import dnnl; print('MODE', dnnl.mode(), dnnl.available())")
+          "from sdl_jax.cpu import dnnl_route;"
+          "print('MODE', dnnl_route.mode(), dnnl_route.available())")
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   env.pop("SDL_JAX_DNNL", None)
   proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert f"MODE {dnnl.auto_mode()} True" in proc.stdout
-  assert f"oneDNN {dnnl.version_string()} convolutions loaded" in proc.stderr
+  assert f"MODE {dnnl_route.auto_mode()} True" in proc.stdout
+  assert f"oneDNN {dnnl_lib.version_string()} convolutions loaded" in proc.stderr
 
 
 @needs_dnnl
 def test_version_is_the_loaded_onednn():
-  v = dnnl.version()
+  v = dnnl_lib.version()
   assert v is not None and v >= 20000, v
-  assert dnnl.version_string() == f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+  assert dnnl_lib.version_string() == f"{v // 10000}.{v // 100 % 100}.{v % 100}"
   # The wheel installed with the package is what the build uses, where present.
-  if dnnl.onednn_prefix() is not None:
+  if dnnl_lib.onednn_prefix() is not None:
     assert v >= 30000, v
 
 
 @needs_dnnl
 def test_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
   monkeypatch.setenv("SDL_JAX_CACHE", str(tmp_path))
-  first = dnnl.build()
+  first = dnnl_lib.build()
   assert first.parent == tmp_path and first.exists()
   mtime = first.stat().st_mtime_ns
-  assert dnnl.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+  assert dnnl_lib.build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left
 
 
 CONCURRENT_WORKER = r'''
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
-from sdl_jax.cpu import dnnl
-assert dnnl.available() and jax.local_device_count() == 2
+from sdl_jax.cpu import dnnl, dnnl_route
+assert dnnl_route.available() and jax.local_device_count() == 2
 pad, dn = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
 rng = np.random.default_rng(0)
 for cin, cout, groups in [(3, 8, 1), (8, 16, 1), (8, 8, 8)]:
@@ -513,20 +516,21 @@ def test_stored_is_the_identity_and_its_consumers_read_the_stored_buffer():
     return hlo, [line for line in entry.splitlines() if " fusion(" in line
                  and all(f"%{n}" in line for n in names)]
   hlo, both = fusions_reading_both(True)
-  assert dnnl.STORED_TARGET in hlo and len(both) <= 1, both  # y's own fusion only
+  assert dnnl_lib.STORED_TARGET in hlo and len(both) <= 1, both  # y's own fusion only
   assert len(fusions_reading_both(False)[1]) >= 2  # without it, y recomputed in each
 
 
 def test_blocked_weight_grad_rule(monkeypatch):
   """oneDNN's weight gradient on its blocked layout: dense, larger than 1x1, not widening,
   and only without AVX-512 (where it was measured)."""
-  monkeypatch.setattr(dnnl, "_cpu_isa", lambda: ("avx2", "fma"))
-  assert dnnl.blocked_weight_grad(1, (3, 3, 32, 32)) and dnnl.blocked_weight_grad(1, (3, 3, 64, 32))
-  assert not dnnl.blocked_weight_grad(1, (3, 3, 32, 64))   # widening
-  assert not dnnl.blocked_weight_grad(1, (1, 1, 64, 64))   # 1x1
-  assert not dnnl.blocked_weight_grad(4, (3, 3, 1, 4))     # depthwise
-  monkeypatch.setattr(dnnl, "_cpu_isa", lambda: ("avx2", "avx512f"))
-  assert not dnnl.blocked_weight_grad(1, (3, 3, 32, 32))
+  monkeypatch.setattr(dnnl_lib, "cpu_isa", lambda: ("avx2", "fma"))
+  assert dnnl_route.blocked_weight_grad(1, (3, 3, 32, 32))
+  assert dnnl_route.blocked_weight_grad(1, (3, 3, 64, 32))
+  assert not dnnl_route.blocked_weight_grad(1, (3, 3, 32, 64))   # widening
+  assert not dnnl_route.blocked_weight_grad(1, (1, 1, 64, 64))   # 1x1
+  assert not dnnl_route.blocked_weight_grad(4, (3, 3, 1, 4))     # depthwise
+  monkeypatch.setattr(dnnl_lib, "cpu_isa", lambda: ("avx2", "avx512f"))
+  assert not dnnl_route.blocked_weight_grad(1, (3, 3, 32, 32))
 
 
 @needs_dnnl
@@ -537,7 +541,7 @@ def test_blocked_weight_grad_rule(monkeypatch):
 ])
 def test_weight_grad_in_either_layout_equals_lax(blocked, c, o, strides, padding,
                                                  monkeypatch):
-  monkeypatch.setattr(dnnl, "blocked_weight_grad", lambda groups, w_shape: blocked)
+  monkeypatch.setattr(dnnl_route, "blocked_weight_grad", lambda groups, w_shape: blocked)
   rng = np.random.default_rng(c + o)
   x = jnp.asarray(rng.normal(size=(3, 10, 9, c)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, c, o)), jnp.float32)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdl_jax import models, weights
+from sdl_jax import models, torch_layout
 from sdl_jax.cpu import paths as cpu_paths
 from sdl_jax.cpu.pool import max_pool_3x3_s2
 from sdl_jax.models import table
@@ -33,7 +33,7 @@ def _compare_with_torch(name, size, batch=2, num_classes=10, seed=0, **kwargs):
   """Max |flax - torch| of the logits, with the torch model's weights converted."""
   torch.manual_seed(seed)
   tm = randomize_(make_torch_model(name, num_classes, **kwargs), seed).eval()
-  variables = weights.convert_state_dict(tm.state_dict(), name)
+  variables = torch_layout.convert_state_dict(tm.state_dict(), name)
   x = np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
   with torch.no_grad():
     want = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
@@ -92,7 +92,7 @@ def test_resnet_train_mode_gradients_equal_torch(paths):
     tm = randomize_(make_torch_model("resnet50", 10, **kwargs), 0).train().double()
     variables = jax.tree_util.tree_map(
         lambda a: jnp.asarray(a, jnp.float64),
-        weights.convert_state_dict({k: v.float() for k, v in tm.state_dict().items()},
+        torch_layout.convert_state_dict({k: v.float() for k, v in tm.state_dict().items()},
                                    "resnet50"))
     x = np.random.default_rng(0).normal(size=(3, 37, 37, 3))
     out = tm(torch.from_numpy(x.transpose(0, 3, 1, 2)))

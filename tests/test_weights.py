@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdl_jax import models, weights
+from sdl_jax import models, torch_layout, weights
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 requires_torch = pytest.mark.skipif(
@@ -59,7 +59,7 @@ def _assert_trees_equal(a, b):
 @requires_torch
 def test_convert_layouts_by_hand():
   sd = _small_cnn_state_dict()
-  v = weights.convert_state_dict(sd, "small_cnn")
+  v = torch_layout.convert_state_dict(sd, "small_cnn")
   w = sd["conv0_0.weight"].numpy()  # [O, I, kh, kw]
   k = v["params"]["conv0_0"]["kernel"]  # [kh, kw, I, O]
   assert k[1, 2, 0, 5] == w[5, 0, 1, 2]
@@ -74,7 +74,7 @@ def test_convert_layouts_by_hand():
 def test_vgg_fc6_rows_follow_flax_flattening():
   tm = make_torch_model("vgg16", 3, widths=(4, 4, 4, 4, 2), fc_width=5)
   sd = tm.state_dict()
-  v = weights.convert_state_dict(sd, "vgg16")
+  v = torch_layout.convert_state_dict(sd, "vgg16")
   w = sd["classifier.0.weight"].numpy()  # [F, C*7*7], input index c*49 + h*7 + w
   k = v["params"]["fc6"]["kernel"]  # [7*7*C, F], input index (h*7 + w)*C + c
   for c, h, x, f in [(0, 0, 0, 0), (1, 3, 5, 4), (1, 6, 6, 2)]:
@@ -86,29 +86,29 @@ def test_vgg_fc6_rows_follow_flax_flattening():
 @pytest.mark.parametrize("name", ["small_cnn", "resnet50", "efficientnet_lite0",
                                   "efficientnet_lite1", "efficientnet_lite2"])
 def test_infer_arch(name):
-  assert weights.infer_arch(make_torch_model(name, 5).state_dict()) == name
+  assert torch_layout.infer_arch(make_torch_model(name, 5).state_dict()) == name
 
 
 @requires_torch
 def test_infer_arch_vgg16_and_unknown():
   sd = make_torch_model("vgg16", 5, widths=(2, 2, 2, 2, 2), fc_width=4).state_dict()
-  assert weights.infer_arch(sd) == "vgg16"
+  assert torch_layout.infer_arch(sd) == "vgg16"
   with pytest.raises(ValueError, match="cannot tell the architecture"):
-    weights.infer_arch({"encoder.weight": np.zeros((2, 2))})
+    torch_layout.infer_arch({"encoder.weight": np.zeros((2, 2))})
 
 
 @requires_torch
 def test_wrong_arch_names_the_key():
   sd = make_torch_model("efficientnet_lite0", 5).state_dict()
   with pytest.raises(ValueError, match="'_conv_stem' .* has no place in the resnet50 layout"):
-    weights.convert_state_dict(sd, "resnet50")
+    torch_layout.convert_state_dict(sd, "resnet50")
 
 
 @requires_torch
 def test_shape_mismatch_names_the_parameter():
   sd = _small_cnn_state_dict()
   sd["conv1_0.weight"] = torch.zeros(64, 16, 3, 3)
-  v = weights.convert_state_dict(sd, "small_cnn")
+  v = torch_layout.convert_state_dict(sd, "small_cnn")
   with pytest.raises(ValueError, match=r"params/conv1_0/kernel: shape \(3, 3, 16, 64\), "
                                        r"expected \(3, 3, 32, 64\)"):
     weights.check_variables(v, "small_cnn")
@@ -123,7 +123,7 @@ def test_load_pth_then_cache_needs_no_torch(tmp_path, monkeypatch):
   path = tmp_path / "net.pth"
   torch.save(sd, path)
   first = weights.load_pretrained(path, cache_dir=tmp_path / "cache")
-  _assert_trees_equal(first, weights.convert_state_dict(sd, "small_cnn"))
+  _assert_trees_equal(first, torch_layout.convert_state_dict(sd, "small_cnn"))
   assert len(list((tmp_path / "cache").glob("*.msgpack"))) == 1
   monkeypatch.setitem(sys.modules, "torch", None)
   second = weights.load_pretrained(path, cache_dir=tmp_path / "cache")
@@ -158,7 +158,7 @@ def test_wrapped_checkpoint_and_dataparallel_prefix(tmp_path):
   path = tmp_path / "ckpt.pt"
   torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in sd.items()}}, path)
   _assert_trees_equal(weights.load_pretrained(path, cache_dir=tmp_path),
-                      weights.convert_state_dict(sd, "small_cnn"))
+                      torch_layout.convert_state_dict(sd, "small_cnn"))
 
 
 _UNPICKLED = []
@@ -202,7 +202,7 @@ def test_not_a_torch_file(tmp_path):
 @requires_torch
 def test_npz_and_msgpack_need_no_torch(tmp_path, monkeypatch):
   sd = _small_cnn_state_dict()
-  want = weights.convert_state_dict(sd, "small_cnn")
+  want = torch_layout.convert_state_dict(sd, "small_cnn")
   np.savez(tmp_path / "net.npz", **{k: v.numpy() for k, v in sd.items()})
   monkeypatch.setitem(sys.modules, "torch", None)
   got = weights.load_pretrained(tmp_path / "net.npz", cache_dir=tmp_path / "c")

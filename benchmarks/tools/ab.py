@@ -8,7 +8,7 @@ show them.
         --variants=library,dnnl=off
     python -m benchmarks.tools.ab --model=resnet50 --variants=library,kernels=xla
 
-A variant is ``library`` (as configured), ``dnnl=MODE`` (``sdl_jax.cpu.dnnl.use``),
+A variant is ``library`` (as configured), ``dnnl=MODE`` (``sdl_jax.cpu.dnnl_route.use``),
 ``kernels=MODE`` (``sdl_jax.cpu.paths.use``), an XLA option for this compilation only
 (``xla_...=value``, overriding ``$XLA_FLAGS``), or several joined by ``+``
 (``dnnl=off+kernels=cpu``):
@@ -97,8 +97,8 @@ def main(argv=None) -> dict:
 def _use(stack: contextlib.ExitStack, variant: str) -> dict:
   """Enters one variant's modes on ``stack`` (see the module docstring); returns its XLA
   compiler options."""
-  from sdl_jax.cpu import dnnl, paths  # pylint: disable=g-import-not-at-top
-  modes = {"dnnl": dnnl.use, "kernels": paths.use}
+  from sdl_jax.cpu import dnnl_route, paths  # pylint: disable=g-import-not-at-top
+  modes = {"dnnl": dnnl_route.use, "kernels": paths.use}
   options = {}
   for part in variant.split("+"):
     key, eq, value = part.partition("=")

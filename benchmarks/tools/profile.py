@@ -42,10 +42,10 @@ import tempfile
 import numpy as np
 
 from sdl_jax import cpu, perf
-from sdl_jax.cpu import dnnl
+from sdl_jax.cpu import dnnl_lib
 from benchmarks import warm_up, write_report
 
-ONEDNN_TARGETS = {dnnl.TARGETS[d]: f"oneDNN conv {label}" for d, label in (
+ONEDNN_TARGETS = {dnnl_lib.TARGETS[d]: f"oneDNN conv {label}" for d, label in (
     ("fwd", "forward"), ("bwd_data", "input grad"), ("bwd_weights", "weight grad"))}
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(")
 

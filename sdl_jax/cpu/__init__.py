@@ -1,16 +1,17 @@
 """Speed on XLA:CPU: hand-written layers, oneDNN convolutions, and the process settings.
 
-Modules: ``paths`` (whether the models take the hand paths), ``conv`` and ``dnnl`` (+
-``csrc/dnnl_conv.cc``: convolutions), ``norm`` (BatchNorm with a hand-written gradient),
-``pool`` (max-pools), ``process`` (XLA flags, glibc's allocator). The models reach the
-layers through ``sdl_jax.models.layers`` only.
+Modules: ``paths`` (whether the models take the hand paths), ``conv`` (+ ``depthwise``,
+``dense``), ``dnnl``, ``dnnl_route`` and ``dnnl_lib`` (+ ``csrc/dnnl_conv.cc``:
+convolutions), ``norm`` (BatchNorm with a hand-written gradient), ``pool`` (max-pools),
+``process`` (XLA flags, glibc's allocator). The models reach the layers through
+``sdl_jax.models.layers`` only.
 
 Importing this package (or ``sdl_jax``) changes nothing in the process. An entry point
 calls ``configure(config)`` first, before anything starts JAX; it reads ``config.cpu``
 (``configs/sdl.py`` documents the fields):
 
 * ``kernels``: ``auto`` | ``cpu`` | ``xla``, see ``paths`` (``$SDL_JAX_KERNELS`` overrides);
-* ``dnnl``: which convolutions go to oneDNN, see ``dnnl`` (``$SDL_JAX_DNNL`` overrides);
+* ``dnnl``: which convolutions go to oneDNN, see ``dnnl_route`` (``$SDL_JAX_DNNL`` overrides);
 * ``fast_xla_flags``: append ``process.FAST_CPU_XLA_FLAGS`` to ``$XLA_FLAGS`` (a flag the
   user set keeps the user's value; one the installed jaxlib does not know is dropped with
   a warning);
@@ -59,10 +60,10 @@ def configure(config=None) -> dict[str, Any]:
     what was applied (also ``applied()``): the settings, plus ``xla_flags`` (appended),
     ``dropped_xla_flags`` (unknown to this jaxlib) and ``malloc_kept`` (bool).
   """
-  from sdl_jax.cpu import dnnl, paths, process  # pylint: disable=g-import-not-at-top
+  from sdl_jax.cpu import dnnl_route, paths, process  # pylint: disable=g-import-not-at-top
   s = settings(config)
   paths.set_default(s["kernels"])
-  dnnl.set_default(s["dnnl"])
+  dnnl_route.set_default(s["dnnl"])
   out = dict(s, xla_flags=[], dropped_xla_flags=[], malloc_kept=process.freed_memory_kept())
   if _jax_started():
     _log.warning("sdl_jax.cpu.configure: JAX has started already; XLA flags and the "

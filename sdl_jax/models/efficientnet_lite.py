@@ -8,7 +8,7 @@ odd pixel on the bottom/right), as the pretrained weights were trained with it; 
 has epsilon 1e-3 and momentum 0.99. Pretrained inputs are ``(x - 127) / 128``.
 
 Parameter names (converted from the ``efficientnet-lite-pytorch`` layout by
-``sdl_jax.weights``): ``stem_conv``, ``stem_bn``, ``block{i}`` with ``expand_conv``,
+``sdl_jax.torch_layout``): ``stem_conv``, ``stem_bn``, ``block{i}`` with ``expand_conv``,
 ``expand_bn`` (absent when the expansion ratio is 1), ``dw_conv``, ``dw_bn``,
 ``project_conv``, ``project_bn``; then ``top_conv``, ``top_bn`` and the classifier ``head``.
 """

@@ -1,6 +1,6 @@
 """ResNet-50 in torchvision's layout (He et al. 2016, "v1.5": stride on the 3x3 conv).
 
-Parameter names follow torchvision's state dict, so ``sdl_jax.weights`` converts one
+Parameter names follow torchvision's state dict, so ``sdl_jax.torch_layout`` converts one
 key by key: ``conv1``, ``bn1``, ``layer{1..4}_{j}`` (``layer1.0`` in PyTorch) with
 ``conv1/bn1`` (1x1), ``conv2/bn2`` (3x3, carries the stride), ``conv3/bn3`` (1x1, 4x
 expansion) and, in the first block of a stage, ``downsample_conv/downsample_bn``; the

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdl_jax import models
-from sdl_jax.cpu import dnnl
+from sdl_jax.cpu import dnnl_route
 
 
 def count_macs(model: nn.Module, x_shape, **apply_kwargs) -> int:
@@ -72,7 +72,7 @@ def forward_flops(name: str, num_classes: int = 1000, input_size: int | None = N
   size = input_size or models.get_spec(name).input_size
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
-  with dnnl.disabled():
+  with dnnl_route.disabled():
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device

@@ -53,7 +53,7 @@ class VGG16(nn.Module):
   Input float ``[N, H, W, 3]`` (H, W >= 32); output logits float32 ``[N, num_classes]``.
   ``widths`` and ``fc_width`` exist to build a narrow copy of the same layout in tests;
   the pretrained network has the defaults. ``fc6``'s input is the 7x7 map flattened in
-  (h, w, c) order (``sdl_jax.weights`` permutes PyTorch's (c, h, w) rows to it).
+  (h, w, c) order (``sdl_jax.torch_layout`` permutes PyTorch's (c, h, w) rows to it).
   """
   num_classes: int
   dropout_rate: float = 0.5

@@ -1,6 +1,6 @@
 // oneDNN 3.2 alone: a 3x3 stride-1 SAME convolution's weight gradient with x and dy in NHWC
 // against oneDNN's own (blocked) layout, reorders from NHWC timed apart (measured:
-// dnnl.blocked_weight_grad). Median of 15 calls each. Build and run:
+// dnnl_route.blocked_weight_grad). Median of 15 calls each. Build and run:
 //   V=$(python -c "import sys; print(sys.prefix)")
 //   c++ -O2 -std=c++17 -I$V/include benchmarks/tools/csrc/wgrad_layout.cc -o /tmp/wg -L$V/lib -Wl,-rpath,$V/lib -ldnnl
 //   OMP_WAIT_POLICY=PASSIVE /tmp/wg H C O               # e.g. 64 32 32; 56 64 64
