@@ -375,7 +375,7 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
                         model)
   t_features = time.time() - t_start
   head, grid, best, (mu, _), z = fit_probe(config, data)
-  view_flags = data["train"]["views"].shape[0]
+  num_views = data["train"]["views"].shape[0]
   computed = data["computed"]
   test = measures(head, z["test"], data["test"]["label"], data["test"]["distribution"],
                   float(config.lam))
@@ -391,7 +391,7 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
       "probe": {"weight_decay": grid[best]["weight_decay"], "grid": grid,
                 "steps": int(config.probe_steps),
                 "learning_rate": float(config.probe_learning_rate),
-                "feature_dim": int(mu.shape[0]), "mirrored": view_flags == 2,
+                "feature_dim": int(mu.shape[0]), "mirrored": num_views == 2,
                 "feature_dir": feature_dir, "feature_splits_computed": computed,
                 "feature_time_s": t_features},
       "wall_time_s": time.time() - t_start,

@@ -53,7 +53,6 @@ PACKAGES = {
 
 # Bump when a converter's output changes, so stale cache entries are not used.
 _FORMAT_VERSION = 1
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
 
 
