@@ -5,6 +5,7 @@ r"""Trains, evaluates and predicts with a joint emotion classification + distrib
     python run.py --config=configs/sdl.py --config.lam=0.5 --workdir=workdirs/lam05
     python run.py --config=configs/sdl.py --workdir=W --mode=evaluate
     python run.py --workdir=W --mode=predict --images=a.jpg,photos/
+    python run.py --pretrained=ferplus --mode=predict --images=faces/   # a shipped model
 
 Running the same training command again resumes from the workdir's latest checkpoint.
 """
@@ -26,6 +27,9 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"],
 flags.DEFINE_list("images", [], "predict: image files and/or folders, comma-separated.")
 flags.DEFINE_string("predict_out", None, "predict: write the JSON lines here (default stdout).")
 flags.DEFINE_string("plot_dir", None, "predict: also draw one PNG per image here.")
+flags.DEFINE_string("pretrained", None,
+                    "predict: a model shipped with the package instead of --workdir "
+                    "(ferplus: faces; flickr_ldl: photos; see docs/models/).")
 flags.DEFINE_string("split", "test", "evaluate: the split to evaluate.")
 flags.DEFINE_enum("which", "best", ["best", "latest"],
                   "evaluate / predict: the best (validation) or the latest checkpoint.")
@@ -45,16 +49,24 @@ def main(argv):
     from sdl_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     return 0
+  if FLAGS.mode == "predict":
+    return _predict()
   if not FLAGS.workdir:
     raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
-  if FLAGS.mode == "evaluate":
-    from sdl_jax import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate.main(FLAGS.config, FLAGS.workdir, split=FLAGS.split, which=FLAGS.which)
-  from sdl_jax import predict  # pylint: disable=g-import-not-at-top
+  from sdl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.main(FLAGS.config, FLAGS.workdir, split=FLAGS.split, which=FLAGS.which)
+
+
+def _predict():
+  if bool(FLAGS.workdir) == bool(FLAGS.pretrained):
+    raise app.UsageError("--mode=predict needs either --workdir (a trained work directory) "
+                         "or --pretrained (a shipped model), not both")
   if not FLAGS.images:
     raise app.UsageError("--images is required for --mode=predict")
+  from sdl_jax import predict  # pylint: disable=g-import-not-at-top
   return predict.main(FLAGS.workdir, FLAGS.images, out=FLAGS.predict_out,
-                      plot_dir=FLAGS.plot_dir, which=FLAGS.which)
+                      plot_dir=FLAGS.plot_dir, which=FLAGS.which,
+                      pretrained=FLAGS.pretrained)
 
 
 if __name__ == "__main__":

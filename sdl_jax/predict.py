@@ -1,9 +1,10 @@
-r"""Emotion distributions for new images, from a trained work directory.
+r"""Emotion distributions for new images, from a trained work directory or a shipped model.
 
-From the command line (the config comes from the workdir)::
+From the command line (the config comes from the workdir, or the shipped model's record)::
 
     python run.py --workdir=W --mode=predict --images=a.jpg,photos/ [--predict_out=p.jsonl]
         [--plot_dir=figs/]
+    python run.py --pretrained=ferplus --mode=predict --images=faces/
 
 writes one JSON line per image, in the order given (a folder's images sorted by path)::
 
@@ -18,7 +19,7 @@ file named explicitly is always tried, whatever its extension.
 
 From Python::
 
-    predictor = Predictor.from_workdir(W)
+    predictor = Predictor.from_workdir(W)     # or Predictor.from_pretrained("ferplus")
     for row in predictor.predict(["a.jpg", "photos/"]):
       print(row["file"], row["dominant"])
     probs = predictor.predict_arrays([uint8_image_hw3, ...])   # float32 [N, C]
@@ -190,11 +191,28 @@ class Predictor:
         ``'latest'``.
     """
     from sdl_jax import evaluate  # pylint: disable=g-import-not-at-top
-    loaded = evaluate.load_trained(workdir, which=which)
-    return cls(loaded.model, loaded.variables, model_name=loaded.config.model,
-               names=loaded.names, image_size=loaded.config.image_size,
-               resize_size=loaded.config.resize_size, batch_size=batch_size,
-               flip=bool(loaded.config.get("eval_flip", False)))
+    return cls.from_trained(evaluate.load_trained(workdir, which=which), batch_size)
+
+  @classmethod
+  def from_pretrained(cls, name: str, batch_size: int = DEFAULT_BATCH) -> "Predictor":
+    """A model shipped with the package (``sdl_jax.pretrained.available()``: ``'ferplus'``
+    for faces, ``'flickr_ldl'`` for photos), with the preprocessing it was trained with.
+    Nothing is downloaded; the weights' SHA-256 is checked.
+
+    Raises:
+      ValueError: an unknown name (the message lists the shipped ones) or a damaged file.
+    """
+    from sdl_jax import pretrained  # pylint: disable=g-import-not-at-top
+    return cls.from_trained(pretrained.load(name), batch_size)
+
+  @classmethod
+  def from_trained(cls, trained, batch_size: int = DEFAULT_BATCH) -> "Predictor":
+    """From a ``sdl_jax.evaluate.Trained`` (its config gives the preprocessing)."""
+    config = trained.config
+    return cls(trained.model, trained.variables, model_name=config.model,
+               names=trained.names, image_size=config.image_size,
+               resize_size=config.resize_size, batch_size=batch_size,
+               flip=bool(config.get("eval_flip", False)))
 
   def predict_inputs(self, x) -> np.ndarray:
     """Model inputs float32 ``[N, S, S, 3]`` -> distributions float32 ``[N, C]``."""
@@ -291,14 +309,23 @@ def _plot_name(file: str, used: set[str]) -> str:
   return name
 
 
-def main(workdir: str, images: Sequence[str], out: str | None = None,
+def main(workdir: str | None, images: Sequence[str], out: str | None = None,
          plot_dir: str | None = None, which: str = "best",
-         batch_size: int = DEFAULT_BATCH) -> int:
+         batch_size: int = DEFAULT_BATCH, pretrained: str | None = None) -> int:
   """``--mode=predict``: writes JSON lines (to ``out``, default stdout); returns the exit
-  status: 0 if every image was predicted, 1 if any failed (a line says why)."""
+  status: 0 if every image was predicted, 1 if any failed (a line says why).
+
+  The model is ``workdir``'s ``which`` checkpoint, or the shipped model ``pretrained``
+  (exactly one of the two)."""
   if not images:
     raise ValueError("--images is empty: give image files and/or folders, comma-separated")
-  predictor = Predictor.from_workdir(workdir, which=which, batch_size=batch_size)
+  if bool(workdir) == bool(pretrained):
+    raise ValueError("give either --workdir (a trained work directory) or --pretrained "
+                     "(a shipped model), not both or neither")
+  if pretrained:
+    predictor = Predictor.from_pretrained(pretrained, batch_size=batch_size)
+  else:
+    predictor = Predictor.from_workdir(workdir, which=which, batch_size=batch_size)
   rows = predictor.predict(list(images))
   stream = open(out, "w", encoding="utf-8") if out else sys.stdout
   try:

@@ -1,7 +1,35 @@
-"""Shared test set-up: float64 is enabled per test where needed; TF never sees a GPU."""
+"""Shared test set-up: float64 is enabled per test where needed; TF never sees a GPU; the
+real FER+ set is built once per pytest run for the tests that need it."""
 
 import os
+import time
+from pathlib import Path
+
+import pytest
 
 # Keep TensorFlow quiet and off any accelerator in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+FERPLUS_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/ferplus.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def real_ferplus(tmp_path_factory):
+  """The shared FER+ archive built once per pytest run, both protocols:
+  ``{protocol: builder}``; skips where the archive is not at ``../shared/data``."""
+  if not FERPLUS_ARCHIVE.exists():
+    pytest.skip(f"the FER+ archive is not at {FERPLUS_ARCHIVE}")
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sdl_jax.data import ferplus, get_builder  # pylint: disable=g-import-not-at-top
+  cache = tmp_path_factory.mktemp("ferplus_cache")
+  built, seconds = {}, {}
+  for protocol in ferplus.PROTOCOLS:
+    t = time.time()
+    cfg = ml_collections.ConfigDict(
+        {"name": "ferplus", "path": str(FERPLUS_ARCHIVE), "protocol": protocol})
+    built[protocol] = get_builder(cfg, data_dir=str(cache))
+    seconds[protocol] = round(time.time() - t, 1)
+  print(f"FER+ build seconds: {seconds}")
+  return built

@@ -4,7 +4,6 @@ import io
 import os
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import ml_collections
@@ -322,22 +321,6 @@ def test_real_label_files_give_the_published_counts(real_files):
   assert distribution == {s: sum(reference_distribution(r) is not None for r in v)
                           for s, v in votes.items()}
   assert distribution == {"train": 28385, "validation": 3555, "test": 3545}
-
-
-@pytest.fixture(scope="session")
-def real_ferplus(tmp_path_factory):
-  """Both protocols built once per pytest run from the archive: {protocol: builder}."""
-  if not ARCHIVE.exists():
-    pytest.skip(f"the FER+ archive is not at {ARCHIVE}")
-  cache = tmp_path_factory.mktemp("ferplus_cache")
-  built, seconds = {}, {}
-  for protocol in ferplus.PROTOCOLS:
-    t = time.time()
-    built[protocol] = get_builder(_cfg(path=str(ARCHIVE), protocol=protocol),
-                                  data_dir=str(cache))
-    seconds[protocol] = round(time.time() - t, 1)
-  print(f"FER+ build seconds: {seconds}")
-  return built
 
 
 def _find(builder, split, names):
