@@ -92,6 +92,8 @@ def export(workdir: str, name: str, out_dir: str, *, data_path: str | None = Non
       "distribution": [float(p) for p in
                        predictor.predict_arrays([pretrained.reference_image()])[0]],
   }
+  # Where the data lived on the exporting machine says nothing to a user of the model.
+  meta["config"]["data"]["path"] = meta["config"]["data"]["cache_dir"] = None
   _write_json(meta_path, meta)
   logging.info("wrote %s (%d bytes) and %s; test %s", weights, len(blob), meta_path,
                {k: round(v, 4) for k, v in meta["test"].items() if k in ("accuracy", "kl")})
