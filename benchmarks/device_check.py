@@ -5,7 +5,7 @@ command that stays under 8 minutes on one H100 and writes everything to one fold
 Run it from the repository root, in the project's environment (no internet needed):
 
     python -m benchmarks.device_check --out=device_check            # on a GPU / TPU host
-    python -m benchmarks.device_check --fast --out=device_check     # CPU smoke, ~6 min
+    python -m benchmarks.device_check --fast --out=device_check     # CPU smoke, ~4 min (2 cores)
 
 On a fresh GPU host without the environment: ``pip install --no-index
 --find-links=WHEELS -e ".[test,cuda]"`` from a local wheel folder (JAX's CUDA plugin comes
@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from xml.etree import ElementTree
 
+from benchmarks import device_summary
+
 REPO = Path(__file__).resolve().parents[1]
 
 # What makes sense on an accelerator: numerics against references, the step, checkpoints.
@@ -69,10 +71,16 @@ LONG_TESTS = ("tests/test_train.py::test_sigterm_saves_a_checkpoint_and_exits_cl
 TF_TESTS = ("tests/test_train.py::test_resume_gives_the_same_parameters_as_a_straight_run",
             "tests/test_train.py::test_corrupt_or_incompatible_checkpoint_is_a_clear_error")
 # (full, --fast) settings; the fast ones run on 2 CPU cores.
-LIMITS_S = {"probe": (60, 60), "tests": (170, 240), "train": (80, 120),
-            "bench_float32": (110, 240), "bench_bfloat16": (110, 240)}
-TOTAL_LIMIT_S = (450, 900)
-FAST_TESTS = ("tests/test_losses.py", "tests/test_metrics.py", "tests/test_norm.py",
+LIMITS_S = {"probe": (60, 120), "tests": (150, 240), "train": (70, 150),
+            "bench_float32": (130, 300), "bench_bfloat16": (110, 300)}
+TOTAL_LIMIT_S = (460, 1100)
+# One or two tests of each kind (the whole files take ~6 minutes on 2 CPU cores).
+FAST_TESTS = ("tests/test_losses.py::test_check_grads_all_float_arguments",
+              "tests/test_losses.py::test_one_hot_normalised_case_is_p_minus_targets",
+              "tests/test_losses.py::test_all_zero_rows_contribute_nothing",
+              "tests/test_metrics.py::test_random_against_numpy_definitions",
+              "tests/test_metrics.py::test_accuracy_and_masked_sums_merge_exactly",
+              "tests/test_norm.py::test_module_equals_flax_batch_norm",
               "tests/test_train.py::test_optimizer_is_caffe_sgd",
               "tests/test_train.py::test_train_step_matches_plain_autodiff_and_sgd",
               "tests/test_train.py::test_checkpoints_accept_a_relative_workdir_with_dotdot",
@@ -106,7 +114,10 @@ def parse_args(argv=None):
   p.add_argument("--tests", default="",
                  help="pytest node ids, comma-separated (default: the mode's list)")
   p.add_argument("--train_steps", type=int, default=0, help="0: 300 (fast: 20)")
-  p.add_argument("--models", default="small_cnn,efficientnet_lite0")
+  p.add_argument("--models", default="",
+                 help="benchmarked models (default small_cnn,efficientnet_lite0; fast: "
+                      "small_cnn, as torch.compile takes minutes for EfficientNet on 2 "
+                      "CPU cores)")
   p.add_argument("--bench_flags", default="",
                  help="extra flags for benchmarks.run, space-separated (they win)")
   p.add_argument("--commit", default="", help="recorded if git cannot tell")
@@ -118,6 +129,7 @@ def parse_args(argv=None):
             "bench_bfloat16")
   args.train_steps = args.train_steps or (20 if args.fast else 300)
   args.limit_s = args.limit_s or TOTAL_LIMIT_S[args.fast]
+  args.models = args.models or ("small_cnn" if args.fast else "small_cnn,efficientnet_lite0")
   return args
 
 
@@ -262,7 +274,7 @@ def bench_part(dtype: str, args, out: Path, limit_s: float) -> dict:
            f"--markdown={out / (stem + '.md')}"]
   if args.fast:
     flags += ["--batch=8", "--image_size=64", "--small_cnn_size=32", "--repeats=2",
-              "--min_repeats=1", "--steps=2", "--peak_n=512"]
+              "--min_repeats=1", "--steps=2", "--peak_n=1024"]
   else:
     flags += ["--batch=32", "--repeats=5", "--min_repeats=3", "--min_repeat_s=0.5",
               "--budget_s=12"]
@@ -294,78 +306,6 @@ def _commit(given: str) -> str:
     return given or "unknown"
 
 
-def _status(res: dict) -> str:
-  if "not_run" in res:
-    return f"not run ({res['not_run']})"
-  if res.get("timed_out"):
-    return (f"finished, but stopped at its limit ({res['limit_s']:.0f} s) while exiting"
-            if res.get("finished") else f"cut at its limit ({res['limit_s']:.0f} s)")
-  return "ok" if res.get("ok") else f"failed (exit {res.get('rc')})"
-
-
-def _test_lines(t: dict) -> list[str]:
-  lines = ["## Tests", "",
-           f"{t.get('passed', '?')} passed, {t.get('failed', '?')} failed, "
-           f"{t.get('errors', '?')} errors, {t.get('skipped', '?')} skipped in "
-           f"{t['seconds']:.0f} s ({_status(t)}); float32 references compared at "
-           "`JAX_DEFAULT_MATMUL_PRECISION=highest` (no TF32) with the CPU tolerances. "
-           f"Files: {', '.join(t['selection'])}; left out: {', '.join(t['deselected'])}.", ""]
-  lines += [f"- failed: `{f}`" for f in t.get("failed_ids", [])]
-  return lines + ([""] if t.get("failed_ids") else [])
-
-
-def _training_run_lines(r: dict) -> list[str]:
-  lines = ["## Training run", "", f"{r['how']}: {_status(r)} in {r['seconds']:.0f} s."]
-  if "test" in r:
-    t, losses = r["test"], r.get("train_loss") or []
-    lines[-1] += (f" {r['steps']} steps on {r['examples']} images; test accuracy "
-                  f"{t['accuracy']:.3f}, KL {t['kl']:.4f}, cosine {t['cosine']:.3f}")
-    if len(losses) >= 2:
-      lines[-1] += (f"; training loss {losses[0][1]:.3f} (step {losses[0][0]}) -> "
-                    f"{losses[-1][1]:.3f} (step {losses[-1][0]})")
-    lines[-1] += "."
-  return lines + [""]
-
-
-def _bench_lines(parts: dict) -> list[str]:
-  from benchmarks import report  # pylint: disable=g-import-not-at-top
-  rows, lines = [], []
-  for name in ("bench_float32", "bench_bfloat16"):
-    b = parts.get(name)
-    if not b:
-      continue
-    lines.append(f"- {name}: {_status(b)} in {b['seconds']:.0f} s"
-                 + (f"; matmul peak {b['peak']['peak'] / 1e12:.1f} TFLOP/s "
-                    f"({b['peak']['n']}x{b['peak']['n']} {b['peak']['dtype']})"
-                    if b.get("peak") else ""))
-    rows += b.get("train", [])
-  ok = [r for r in rows if "error" not in r]
-  table = (report.train_lines(ok) + report.compile_lines(ok)) if ok else []
-  errors = [f"- {r['model']} ({r.get('dtype', '?')}): {r['error']}" for r in rows
-            if "error" in r]
-  return table + lines + errors + [""]
-
-
-def summary(info: dict) -> str:
-  """The markdown summary of ``device_check.json``'s ``info``."""
-  env, parts = info["env"], info["parts"]
-  lines = [f"# Device check: {env.get('device', '?')} ({env.get('backend', '?')}), "
-           f"{info['date']}", "",
-           f"- command: `{info['command']}`{' (fast mode)' if info['fast'] else ''}",
-           f"- commit {info['commit']}; jax {env.get('jax')}, torch {env.get('torch')}"
-           + (f" (CUDA: {env['torch_cuda']})" if env.get("torch_cuda") else "")
-           + f"; {env.get('devices')} local device(s)",
-           f"- wall time {info['wall_s']:.0f} s; parts: "
-           + ", ".join(f"{k} {_status(v)}" for k, v in parts.items()), ""]
-  if "tests" in parts:
-    lines += _test_lines(parts["tests"])
-  if "train" in parts:
-    lines += _training_run_lines(parts["train"])
-  if any(k.startswith("bench_") for k in parts):
-    lines += _bench_lines(parts)
-  return "\n".join(lines)
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   out = Path(args.out).resolve()
@@ -380,13 +320,14 @@ def main(argv=None) -> dict:
   say(f"device check into {out}")
   probe = _run("probe", [sys.executable, "-c", PROBE], out, limit("probe"),
                {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
-  info["env"] = probe.get("probe", {})
+  info["env"] = probe.pop("probe", {})
+  info["probe"] = probe  # its exit status; the environment is also in each bench JSON
   say(f"devices: {info['env']}")
 
   def save():
     info["wall_s"] = time.perf_counter() - start
     (out / "device_check.json").write_text(json.dumps(info, indent=1))
-    (out / "summary.md").write_text(summary(info) + "\n")
+    (out / "summary.md").write_text(device_summary.summary(info) + "\n")
 
   for part in args.parts:
     left = limit(part)
@@ -402,7 +343,7 @@ def main(argv=None) -> dict:
     else:
       res = bench_part(part.split("_", 1)[1], args, out, left)
     info["parts"][part] = res
-    say(f"{part}: {_status(res)} in {res['seconds']:.0f} s")
+    say(f"{part}: {device_summary.status(res)} in {res['seconds']:.0f} s")
     save()
   save()
   say(f"done: {out / 'summary.md'}")

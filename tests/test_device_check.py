@@ -95,7 +95,7 @@ def test_torch_compile_failure_is_a_skip_with_its_reason(monkeypatch):
 
 
 def test_summary_reports_cut_and_failed_parts():
-  from benchmarks import device_check  # pylint: disable=g-import-not-at-top
+  from benchmarks import device_summary  # pylint: disable=g-import-not-at-top
   info = {"env": {"device": "NVIDIA H100 80GB HBM3", "backend": "gpu", "jax": "0.10.2",
                   "torch": "2.13.0", "torch_cuda": "NVIDIA H100 80GB HBM3", "devices": 1},
           "date": "2026-12-06 00:00 UTC", "command": "python -m benchmarks.device_check",
@@ -107,7 +107,7 @@ def test_summary_reports_cut_and_failed_parts():
                     "train": {"rc": -9, "ok": False, "timed_out": True, "seconds": 80.0,
                               "limit_s": 80, "how": "run.py, synthetic preset"},
                     "bench_bfloat16": {"not_run": "the time limit was spent", "seconds": 0}}}
-  text = device_check.summary(info)
+  text = device_summary.summary(info)
   assert text.startswith("# Device check: NVIDIA H100 80GB HBM3 (gpu), 2026-12-06")
   assert "tests failed (exit 1), train cut at its limit (80 s), bench_bfloat16 not run" in text
   assert "1 passed, 1 failed, 0 errors, 1 skipped" in text and "- failed: `t::a`" in text
