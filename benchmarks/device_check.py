@@ -46,6 +46,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,6 +210,7 @@ def tests_part(args, out: Path, limit_s: float) -> dict:
   cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE",
          f"--junitxml={out / 'tests.xml'}", *selection] + [f"--deselect={t}" for t in skip]
   env = {"SDL_JAX_TEST_ACCELERATOR": "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+  (out / "tests.xml").unlink(missing_ok=True)  # an earlier run's
   res = _run("tests", cmd, out, limit_s, env)
   res.update(_junit(out / "tests.xml") or _counted(out / "tests.log"), selection=selection,
              deselected=skip, matmul_precision="highest")
@@ -219,6 +221,7 @@ def tests_part(args, out: Path, limit_s: float) -> dict:
 def train_part(args, out: Path, limit_s: float) -> dict:
   """The default job through run.py (TensorFlow there), else the step from arrays."""
   wd = out / "train"
+  shutil.rmtree(wd, ignore_errors=True)  # run.py would resume an earlier run's workdir
   if _has("tensorflow") and _has("tensorflow_datasets"):
     n = 300 if args.fast else 4000
     cmd = [sys.executable, "run.py", "--config=configs/sdl.py", f"--workdir={wd}",
@@ -279,8 +282,9 @@ def bench_part(dtype: str, args, out: Path, limit_s: float) -> dict:
     flags += ["--batch=32", "--repeats=5", "--min_repeats=3", "--min_repeat_s=0.5",
               "--budget_s=12"]
   flags += [f for f in args.bench_flags.split() if f]
-  res = _run(stem, [sys.executable, "-m", "benchmarks.run", *flags], out, limit_s)
   path = out / (stem + ".json")
+  path.unlink(missing_ok=True)  # an earlier run's
+  res = _run(stem, [sys.executable, "-m", "benchmarks.run", *flags], out, limit_s)
   if path.exists():
     bench = json.loads(path.read_text())
     res["env"] = {k: bench["env"].get(k) for k in ("devices", "device_kind", "torch",
