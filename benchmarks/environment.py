@@ -55,6 +55,7 @@ def environment(args, torch_device) -> dict:
     env["torch_interop_threads"] = torch.get_num_interop_threads()
     env["torch_layout"] = args.torch_layout
     env["torch_process"] = args.torch_process
+    env["torch_compile"] = args.torch_compile_mode if args.torch_compile else None
     env["torch_malloc_keep"] = (args.torch_malloc == "keep" if args.torch_process == "separate"
                                 else env["malloc_keep"])
   return env

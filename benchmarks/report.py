@@ -28,7 +28,9 @@ def _environment_lines(env: dict) -> list[str]:
            f"{env['cpu']} ({', '.join(env.get('cpu_isa') or ['ISA unknown'])}), "
            f"{env['cpus']} CPUs usable",
            f"- jax {env['jax']}, flax {env.get('flax')}, optax {env.get('optax')}"
-           + (f", torch {env['torch']} on {env['torch_device']}" if env.get("torch") else ""),
+           + (f", torch {env['torch']} on {env['torch_device']}" if env.get("torch") else "")
+           + (f", eager and torch.compile (mode {env['torch_compile']})"
+              if env.get("torch_compile") else ""),
            f"- threads: XLA intra-op pool {env['xla_threads']} (one per CPU)"
            + (f"; torch {env['torch_threads']} intra-op, {env['torch_interop_threads']} "
               f"inter-op, {env['torch_layout']}, in "
@@ -45,7 +47,7 @@ def _environment_lines(env: dict) -> list[str]:
   return lines
 
 
-def _train_lines(train: list) -> list[str]:
+def train_lines(train: list) -> list[str]:
   """The train-step table, one row per model."""
   lines = ["## Train step (forward, sdl_loss, backward, SGD momentum + weight decay)", "",
            "| model | px | batch | dtype | JAX img/s (min-max) | PyTorch img/s (min-max) "
@@ -76,6 +78,42 @@ def _train_lines(train: list) -> list[str]:
   lines += ["", "Each model: " + "; ".join(
       f"{r['model']} {r['repeats']} repeats x {r['steps_per_repeat']} steps"
       for r in train if "error" not in r) + " per side, interleaved; medians.", ""]
+  return lines
+
+
+def _peak_mib(side) -> str:
+  """A side's peak memory: on an accelerator the device's peak bytes in use, else the
+  growth of the process's peak RSS during the first step."""
+  if not side or "skipped" in side:
+    return "-"
+  peak = side.get("device_peak_bytes")
+  return _mb(peak if peak is not None else side.get("rss_growth_first_step"))
+
+
+def compile_lines(train: list) -> list[str]:
+  """PyTorch eager beside ``torch.compile`` (``--torch_compile``), with each side's peak
+  memory, one row per model."""
+  lines = ["## Against PyTorch eager and torch.compile, with peak memory", "",
+           "| model | px | batch | dtype | JAX img/s | PyTorch eager img/s "
+           "| torch.compile img/s | JAX/eager | JAX/compiled | compile s (first step) "
+           "| peak MiB JAX / eager / compiled |", "|---" * 11 + "|"]
+  for r in train:
+    if "error" in r or "torch_compile" not in r:
+      continue
+    j, t, c = r["jax"], r["torch"], r["torch_compile"]
+    compiled = (f"skipped ({c['skipped']})" if "skipped" in c else _ips(c["images_per_s"]))
+    lines.append(
+        f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} "
+        f"| {_ips(j['images_per_s'])} | {_ips(t['images_per_s'])} | {compiled} "
+        f"| {r['ratio']:.2f}x | "
+        + (f"{r['ratio_compile']:.2f}x | {c['first_step_s']:.1f}" if "ratio_compile" in r
+           else "- | -")
+        + f" | {_peak_mib(j)} / {_peak_mib(t)} / {_peak_mib(c)} |")
+  lines += ["", "Peak memory: on an accelerator the device's peak bytes in use (JAX: "
+            "`memory_stats()['peak_bytes_in_use']`, a high-water mark over the process, "
+            "so of the largest model so far; PyTorch: `torch.cuda.max_memory_allocated()`, "
+            "one process per side and model); on the CPU the growth of the process's peak "
+            "RSS during the first step.", ""]
   return lines
 
 
@@ -129,7 +167,9 @@ def markdown(results: dict) -> str:
               + f"; MFU below is against {peak['peak'] / 1e9:.1f} GFLOP/s.", ""]
   train = results.get("train")
   if train:
-    lines += _train_lines(train)
+    lines += train_lines(train)
+    if any("torch_compile" in r for r in train):
+      lines += compile_lines(train)
   if results.get("memory"):
     from benchmarks import memory  # pylint: disable=g-import-not-at-top
     lines += memory.markdown(results["memory"])

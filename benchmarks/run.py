@@ -10,7 +10,8 @@ Sections (``--sections``, default all):
   0.9 + weight decay) for each model of ``--models``, at ``--batch`` and ``--image_size``
   (``small_cnn`` at ``--small_cnn_size``), in JAX (the library's pmapped ``train_step``
   over every local device) and in PyTorch (the same architecture from
-  ``benchmarks.torch_models``, the same loss and optimizer). After compiling and one
+  ``benchmarks.torch_models``, the same loss and optimizer; with ``--torch_compile`` also
+  under ``torch.compile``, a third side). After compiling and one
   warm-up step each, ``--repeats`` timed repeats of ``--steps`` steps alternate between
   the two (JAX first on even repeats, PyTorch first on odd ones); the report gives the
   median images/s, the spread (min-max), their ratio, the compile time, FLOP/s achieved
@@ -95,6 +96,14 @@ def _train_flags(p) -> None:
   g.add_argument("--torch_process", default="separate", choices=("separate", "same"),
                  help="run PyTorch's train step in a child process of its own (default; "
                       "benchmarks/torch_process.py) or in this one beside JAX's")
+  g.add_argument("--torch_compile", action="store_true",
+                 help="also time PyTorch's step under torch.compile, a third side beside "
+                      "eager (its compilation is its first step, not timed; skipped with "
+                      "a note where it does not compile)")
+  g.add_argument("--torch_compile_mode", default="default",
+                 choices=("default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"),
+                 help="torch.compile's mode for --torch_compile")
   g.add_argument("--torch_malloc", default="default", choices=("default", "keep"),
                  help="glibc's allocator in PyTorch's process: as PyTorch runs it (default) "
                       "or keeping freed memory as the library's process does (keep; "

@@ -70,17 +70,25 @@ class TorchTrainer:
     device: ``'cpu'`` or ``'cuda'``.
     bf16: run forward/backward under ``torch.autocast(dtype=bfloat16)``; weights stay
       float32 (mixed precision, like the flax ``dtype=bfloat16`` models).
+    compile_mode: ``''`` (eager) or a ``torch.compile`` mode (``'default'``,
+      ``'max-autotune'``, ...): the model is compiled (``torch.compile(model)``, as a
+      user who compiles picks first), its forward and backward alike through
+      AOTAutograd; the loss and the optimizer step stay eager. Compilation happens in
+      the first ``step()``.
   """
 
   def __init__(self, name, num_classes, images, labels, distributions, *, model_kwargs=None,
                lr=1e-3,
                weight_decay=5e-4, lam=0.8, channels_last=True, bf16=False, device="cpu",
-               seed=0):
+               seed=0, compile_mode=""):
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     self.device = torch.device(device)
     model = native_padding_(make_torch_model(name, num_classes, **dict(model_kwargs or {})))
     self.model = model.to(self.device, memory_format=fmt).train()
+    # The compiled module shares the model's parameters; num_params reads the model.
+    self.forward = (torch.compile(self.model, mode=compile_mode) if compile_mode
+                    else self.model)
     self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9,
                                weight_decay=weight_decay)
     self.x = (torch.from_numpy(images).permute(0, 3, 1, 2).to(self.device)
@@ -97,7 +105,7 @@ class TorchTrainer:
     """One training step; returns the loss (a tensor: no host sync beyond PyTorch's own)."""
     self.opt.zero_grad(set_to_none=True)
     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-      logits = self.model(self.x)
+      logits = self.forward(self.x)
     loss = sdl_loss(logits, self.y, self.d, self.lam)
     loss.backward()
     self.opt.step()

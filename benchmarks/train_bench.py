@@ -35,17 +35,20 @@ def synthetic_batch(batch: int, size: int, num_classes: int, seed: int = 0):
   return images, labels, distributions
 
 
-def _torch_trainer(name: str, args, torch_device, config, images, labels, dists):
+def _torch_trainer(name: str, args, torch_device, config, images, labels, dists,
+                   compile_mode: str = ""):
   """PyTorch's twin of the step, its first step taken: a ``TorchProcess`` (the default
-  ``--torch_process=separate``) or a ``TorchTrainer`` in this process. Returns it and
-  the facts recorded under ``torch`` (parameters, first step, memory)."""
+  ``--torch_process=separate``) or a ``TorchTrainer`` in this process; eager, or under
+  ``torch.compile(mode=compile_mode)``. Returns it and the facts recorded under
+  ``torch`` / ``torch_compile`` (parameters, first step, memory)."""
   from benchmarks import torch_train  # pylint: disable=g-import-not-at-top
   torch_args = (name, args.num_classes, images, labels, dists)
   torch_kwargs = dict(
       model_kwargs=args.model_kwargs, lr=float(config.learning_rate),
       weight_decay=float(config.weight_decay), lam=float(config.lam),
       channels_last=args.torch_layout == "channels_last",
-      bf16=(args.torch_dtype or args.dtype) == "bfloat16", device=torch_device)
+      bf16=(args.torch_dtype or args.dtype) == "bfloat16", device=torch_device,
+      compile_mode=compile_mode)
   if args.torch_process == "separate":
     tt = torch_process.TorchProcess(*torch_args, threads=args.torch_threads
                                     or perf.cpu_count(), malloc=args.torch_malloc,
@@ -55,7 +58,11 @@ def _torch_trainer(name: str, args, torch_device, config, images, labels, dists)
       raise RuntimeError(f"PyTorch's process was asked for --torch_malloc="
                          f"{args.torch_malloc} but kept freed memory: "
                          f"{info['malloc_keep']}")
-    first = tt.first_step()
+    try:
+      first = tt.first_step()
+    except RuntimeError:
+      tt.close()
+      raise
     info["first_step_s"] = first["seconds"]
     info["rss_growth_first_step"] = first["rss_growth"]
     if torch_device == "cuda":
@@ -68,6 +75,24 @@ def _torch_trainer(name: str, args, torch_device, config, images, labels, dists)
       import torch  # pylint: disable=g-import-not-at-top
       info["device_peak_bytes"] = torch.cuda.max_memory_allocated()
   return tt, info
+
+
+def _torch_compile_trainer(name: str, args, torch_device, config, batch, log):
+  """PyTorch's step under ``torch.compile(mode=args.torch_compile_mode)``, compiled and
+  stepped once: ``(trainer, figures)``, or ``(None, {'skipped': why})`` where it does not
+  compile here (no C compiler, an unsupported operation): the eager figures stand alone
+  then, and the report says why."""
+  try:
+    tc, info = _torch_trainer(name, args, torch_device, config, *batch,
+                              compile_mode=args.torch_compile_mode)
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    why = f"torch.compile failed: {type(e).__name__}: {lines[-1] if lines else ''}"[:400]
+    log(f"  torch_compile skipped: {why}")
+    return None, {"skipped": why}
+  info["compile_mode"] = args.torch_compile_mode
+  log(f"  torch_compile: first step (compiling) {info['first_step_s']:.2f} s")
+  return tc, info
 
 
 def _jax_trainer(name: str, args, images, labels, dists, log):
@@ -134,10 +159,13 @@ def _summarize(out: dict, times: dict, steps: int, batch: int, model_flops, peak
       achieved = model_flops / out[side]["step_s"]["median"]
       out[side]["model_tflop_per_s"] = achieved / 1e12
       out[side]["mfu"] = achieved / peak_flops if peak_flops else None
-  if "torch" in times:
-    # Ratio of medians, and the median of per-repeat ratios (pairs timed back to back).
-    out["ratio"] = out["jax"]["images_per_s"]["median"] / out["torch"]["images_per_s"]["median"]
-    out["ratio_paired"] = float(np.median(np.asarray(times["torch"]) / np.asarray(times["jax"])))
+  # Ratio of medians, and the median of per-repeat ratios (pairs timed back to back):
+  # ``ratio`` against PyTorch eager, ``ratio_compile`` against torch.compile.
+  for side, key in (("torch", "ratio"), ("torch_compile", "ratio_compile")):
+    if side in times:
+      out[key] = out["jax"]["images_per_s"]["median"] / out[side]["images_per_s"]["median"]
+      out[key + "_paired"] = float(np.median(np.asarray(times[side])
+                                             / np.asarray(times["jax"])))
 
 
 def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
@@ -157,19 +185,28 @@ def bench_train_model(name: str, args, torch_device, peak_flops, log) -> dict:
 
   jt, config, out["jax"] = _jax_trainer(name, args, images, labels, dists, log)
   sides = {"jax": (lambda: jt.step(), jt.sync)}
+  torch_trainers = []
   if torch_device:
     tt, out["torch"] = _torch_trainer(name, args, torch_device, config, images, labels,
                                       dists)
     sides["torch"] = (lambda: tt.step(), tt.sync)
+    torch_trainers.append(tt)
     log(f"  torch: first step {out['torch']['first_step_s']:.2f} s")
+    if args.torch_compile:
+      tc, out["torch_compile"] = _torch_compile_trainer(
+          name, args, torch_device, config, (images, labels, dists), log)
+      if tc is not None:
+        sides["torch_compile"] = (lambda: tc.step(), tc.sync)
+        torch_trainers.append(tc)
 
   steps, repeats, per_repeat = _repeat_plan(sides, args)
   out["steps_per_repeat"], out["repeats"] = steps, repeats
   log(f"  timing {repeats} x {steps} step(s) per side (~{per_repeat * repeats:.0f} s)")
   times = _time_interleaved(sides, steps, repeats)
   _summarize(out, times, steps, args.batch, model_flops, peak_flops)
-  if "torch" in sides and isinstance(tt, torch_process.TorchProcess):
-    tt.close()  # (a daemon: it dies with this process should anything above raise)
+  for trainer in torch_trainers:
+    if isinstance(trainer, torch_process.TorchProcess):
+      trainer.close()  # (a daemon: it dies with this process should anything above raise)
   del jt
   jax.clear_caches()
   return out

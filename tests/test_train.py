@@ -247,9 +247,15 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path, straight_r
 
   a = _params(straight_wd, c)
   b = _params(tmp_path / "resumed", c)
-  # Same program, same data, same keys on the CPU: equal to the last bit.
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
-  np.testing.assert_equal(straight["test_last"], again["test_last"])
+  # Same program, same data, same keys on the CPU: equal to the last bit. On a GPU, XLA
+  # may add in another order from one run to the next (atomic reductions, convolution
+  # algorithms chosen by autotuning): equal to float32 rounding, grown over 6 steps.
+  if jax.default_backend() == "cpu":
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_equal(straight["test_last"], again["test_last"])
+  else:
+    close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    jax.tree_util.tree_map(close, (a, straight["test_last"]), (b, again["test_last"]))
 
   # The workdir holds what the docstring promises.
   wd = tmp_path / "resumed"
