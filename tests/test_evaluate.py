@@ -117,7 +117,7 @@ def test_tables_are_consistent(evaluated):
 
 @pytest.mark.slow
 def test_report_and_figures_written(evaluated):
-  workdir, _, after = evaluated
+  workdir, before, after = evaluated
   ev = after["evaluation"]
   assert set(ev["figures"]) == {"Confusion matrix", "Best by KL", "Worst by KL"}
   text = (workdir / "report.md").read_text()
@@ -127,7 +127,8 @@ def test_report_and_figures_written(evaluated):
     assert f"![{title}]({rel})" in text
   assert "baseline: uniform" in text and "baseline: training mean" in text
   assert f"{ev['model']['accuracy']:.4f}" in text
-  assert f"step {TINY_STEPS}" in text or f"(step {ev['checkpoint']['step']})" in text
+  # The checkpoint evaluated: the training run's best on validation, by its step.
+  assert f"Checkpoint: best (step {before['best_step']}).\n" in text
   for name in ev["names"]:
     assert f"| {name} |" in text
 
