@@ -269,10 +269,18 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
 
   assert [r["shape"] for r in res["loss"]] == [[4, 3], [8, 5]]
   for r in res["loss"]:
+    assert r["iters"] == 50  # --loss_iters
     for variant in ("custom_vjp", "autodiff"):
-      ops = r[variant]["hlo_ops"]
-      assert ops["total"] >= ops["entry"] >= 1
-      assert 0 < r[variant]["loop_us_median"] < 1e6
+      v = r[variant]
+      ops = v["hlo_ops"]
+      # The entry's instructions, plus at least one in each fusion's body.
+      assert ops["total"] >= ops["entry"] + ops["fusions"] and ops["entry"] >= 1
+      for k in ("loop_us", "call_us"):
+        assert len(v[k]) == 1  # --loss_repeats=1
+        assert v[k + "_median"] == pytest.approx(np.median(v[k]))
+    for k in ("loop", "call"):
+      assert r[f"speedup_{k}"] == pytest.approx(
+          r["autodiff"][f"{k}_us_median"] / r["custom_vjp"][f"{k}_us_median"])
     assert r["max_abs_diff"] < 1e-5
 
   assert [r["preset"] for r in res["pipeline"]] == ["paper", "ferplus"]

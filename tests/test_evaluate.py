@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -54,9 +55,12 @@ def evaluated(trained_workdir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_model_measures_match_training_test_numbers(evaluated):
   _, before, after = evaluated
   ev = after["evaluation"]
+  # Training ran data-parallel over this process's devices (2 in CI's second pass).
+  assert (before["devices"], before["processes"]) == (jax.device_count(), 1)
   # Training tested the same (best) checkpoint through train.eval_step; evaluate predicts
   # per image and averages: the two must agree.
   assert ev["checkpoint"] == {"which": "best", "step": before["best_step"]}
@@ -134,6 +138,7 @@ def test_report_and_figures_written(evaluated):
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_latest_checkpoint_and_validation_split(trained_workdir, tmp_path):  # noqa: F811
   workdir = tmp_path / "w"
   shutil.copytree(trained_workdir, workdir)
