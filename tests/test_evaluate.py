@@ -164,7 +164,15 @@ def test_tensorboard_events_hold_loss_learning_rate_and_metrics(trained_workdir)
     assert tag in scalars, (tag, sorted(scalars))
   steps = [s for s, _ in scalars["train/loss"]]
   assert steps == sorted(steps) and steps[-1] == TINY_STEPS
-  assert all(np.isfinite(v) and v > 0 for _, v in scalars["train/learning_rate"])
+  # The rate logged at step s is the schedule's at s - 1 (the step just taken).
+  from sdl_jax import train_state  # pylint: disable=g-import-not-at-top
+  run = json.loads((trained_workdir / "run.json").read_text())
+  lr_fn = train_state.create_learning_rate_fn(evaluate.load_config(str(trained_workdir)),
+                                              run["steps_per_epoch"], run["num_train_steps"])
+  logged = scalars["train/learning_rate"]
+  assert [s for s, _ in logged] == steps
+  for s, v in logged:
+    assert v == pytest.approx(float(lr_fn(s - 1)), rel=1e-6), s
 
 
 def test_config_for_workdir_takes_eval_flip_from_the_given_config(tmp_path):
