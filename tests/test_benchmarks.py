@@ -51,10 +51,34 @@ def test_hlo_op_count_counts_real_instructions_only():
   assert perf.hlo_op_count(HLO) == {"total": 5, "entry": 2, "fusions": 1}
 
 
+def _hlo_opcodes(hlo_text):
+  """computation name -> opcodes of its instructions, read block by block (a plain
+  reference for ``perf.hlo_op_count``: a computation is a header line ending in ``{``, its
+  instructions, and a closing ``}``)."""
+  blocks, name = {}, None
+  for line in hlo_text.splitlines():
+    if line.rstrip().endswith("{") and "(" in line and " = " not in line:
+      name = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+      blocks[name] = []
+    elif line.strip() == "}":
+      name = None
+    elif name is not None and " = " in line:
+      rhs = line.split(" = ", 1)[1]  # "f32[4]{0} negate(%x), ..."
+      blocks[name].append(rhs.split("(", 1)[0].split()[-1])
+  return blocks
+
+
 def test_hlo_op_count_of_a_compiled_function():
   compiled = jax.jit(lambda x: jnp.sum(jnp.exp(-x))).lower(jnp.ones(4)).compile()
-  counts = perf.hlo_op_count(compiled.as_text())
-  assert counts["entry"] >= 1 and counts["total"] >= counts["entry"]
+  text = compiled.as_text()
+  blocks = _hlo_opcodes(text)
+  free = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+  ops = {k: [op for op in v if op not in free] for k, v in blocks.items()}
+  # The program's own operations are all there, wherever XLA fused them.
+  assert {"negate", "exponential", "reduce", "add"} <= {op for v in ops.values() for op in v}
+  assert perf.hlo_op_count(text) == {
+      "total": sum(len(v) for v in ops.values()), "entry": len(ops["ENTRY"]),
+      "fusions": sum(v.count("fusion") for v in ops.values())}
 
 
 def test_compiled_memory_and_flops_of_a_matmul():
@@ -151,22 +175,34 @@ def test_torch_loss_equals_sdl_loss_value_and_gradient():
                              rtol=1e-5, atol=1e-7)
 
 
-def test_torch_sgd_is_caffe_style_like_optax():
+def test_torch_trainer_steps_as_the_library_sgd():
+  """The benchmark's PyTorch side (``TorchTrainer``) updates its weights as the library's
+  ``optim.caffe_sgd`` does, given PyTorch's gradients of each step: the two sides of the
+  benchmark run the same optimizer (at a constant rate, where Caffe's and PyTorch's
+  momentum agree)."""
   torch = pytest.importorskip("torch")
-  import optax
-  w0 = np.asarray([1.0, -2.0], np.float32)
-  grads = [np.asarray([0.5, 0.1], np.float32), np.asarray([-0.2, 0.3], np.float32)]
-  p = torch.nn.Parameter(torch.tensor(w0))
-  opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
-  tx = optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.9))
-  w, state = jnp.asarray(w0), None
+  import optax  # pylint: disable=g-import-not-at-top
+  from benchmarks.torch_train import TorchTrainer  # pylint: disable=g-import-not-at-top
+  from benchmarks.train_bench import synthetic_batch  # pylint: disable=g-import-not-at-top
+  from sdl_jax import optim  # pylint: disable=g-import-not-at-top
+  lr, wd = 0.05, 0.01
+  trainer = TorchTrainer("small_cnn", 5, *synthetic_batch(4, 16, 5), model_kwargs={
+      "widths": [4]}, lr=lr, weight_decay=wd, lam=0.6)
+  params = list(trainer.model.parameters())
+  w0 = [p.detach().numpy().copy() for p in params]
+  w = [jnp.asarray(x) for x in w0]
+  tx = optim.caffe_sgd(lr, momentum=0.9, weight_decay=wd)
   state = tx.init(w)
-  for g in grads:
-    p.grad = torch.tensor(g)
-    opt.step()
-    updates, state = tx.update(jnp.asarray(g), state, w)
+  for _ in range(3):
+    trainer.step()
+    grads = [jnp.asarray(p.grad.numpy()) for p in params]
+    updates, state = tx.update(grads, state, w)
     w = optax.apply_updates(w, updates)
-  np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-6)
+  for p, want, before in zip(params, w, w0):
+    got = p.detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got, before, rtol=1e-5, atol=1e-7)  # the steps moved it
+  assert isinstance(trainer.opt, torch.optim.SGD)
 
 
 def test_native_padding_keeps_the_function():
@@ -233,10 +269,18 @@ def test_smoke_run_writes_the_report_and_json(tmp_path):
 
   assert [r["shape"] for r in res["loss"]] == [[4, 3], [8, 5]]
   for r in res["loss"]:
+    assert r["iters"] == 50  # --loss_iters
     for variant in ("custom_vjp", "autodiff"):
-      ops = r[variant]["hlo_ops"]
-      assert ops["total"] >= ops["entry"] >= 1
-      assert 0 < r[variant]["loop_us_median"] < 1e6
+      v = r[variant]
+      ops = v["hlo_ops"]
+      # The entry's instructions, plus at least one in each fusion's body.
+      assert ops["total"] >= ops["entry"] + ops["fusions"] and ops["entry"] >= 1
+      for k in ("loop_us", "call_us"):
+        assert len(v[k]) == 1  # --loss_repeats=1
+        assert v[k + "_median"] == pytest.approx(np.median(v[k]))
+    for k in ("loop", "call"):
+      assert r[f"speedup_{k}"] == pytest.approx(
+          r["autodiff"][f"{k}_us_median"] / r["custom_vjp"][f"{k}_us_median"])
     assert r["max_abs_diff"] < 1e-5
 
   assert [r["preset"] for r in res["pipeline"]] == ["paper", "ferplus"]

@@ -40,14 +40,23 @@ def _presets():
 @pytest.mark.parametrize("preset", _presets())
 def test_every_preset_parses(preset):
   c = _parse(f"--config={CONFIG}:{preset}")
-  assert c.batch_size % 1 == 0 and c.batch_size > 0
+  # Whole numbers of rows (a float 32.0 would fail later, in a reshape); no evaluation
+  # batch means the training one.
+  whole = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1
+  assert whole(c.batch_size), c.batch_size
+  assert c.eval_batch_size is None or whole(c.eval_batch_size), c.eval_batch_size
+  assert c.batch_size % c.get("grad_accum_steps", 1) == 0
   assert c.best_metric in metrics.HIGHER_IS_BETTER
   assert c.resize_size >= c.image_size
   assert c.schedule in ("step", "cosine", "constant")
+  assert c.model in models.MODEL_SPECS
   assert c.data.name in ("synthetic", "ferplus", "emotion6", "flickr_ldl", "twitter_ldl",
                          "folders", "votes_csv")
   if c.data.name != "synthetic":
     assert c.data.path is None  # real data sets need the flag
+    c = _parse(f"--config={CONFIG}:{preset}", "--config.data.path=/data")
+  # The checks train.train_and_evaluate makes first pass: every field in range.
+  validation.validate_config(c)
 
 
 def test_default_is_synthetic_small_cnn():

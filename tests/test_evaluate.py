@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -54,9 +55,12 @@ def evaluated(trained_workdir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_model_measures_match_training_test_numbers(evaluated):
   _, before, after = evaluated
   ev = after["evaluation"]
+  # Training ran data-parallel over this process's devices (2 in CI's second pass).
+  assert (before["devices"], before["processes"]) == (jax.device_count(), 1)
   # Training tested the same (best) checkpoint through train.eval_step; evaluate predicts
   # per image and averages: the two must agree.
   assert ev["checkpoint"] == {"which": "best", "step": before["best_step"]}
@@ -117,7 +121,7 @@ def test_tables_are_consistent(evaluated):
 
 @pytest.mark.slow
 def test_report_and_figures_written(evaluated):
-  workdir, _, after = evaluated
+  workdir, before, after = evaluated
   ev = after["evaluation"]
   assert set(ev["figures"]) == {"Confusion matrix", "Best by KL", "Worst by KL"}
   text = (workdir / "report.md").read_text()
@@ -127,12 +131,14 @@ def test_report_and_figures_written(evaluated):
     assert f"![{title}]({rel})" in text
   assert "baseline: uniform" in text and "baseline: training mean" in text
   assert f"{ev['model']['accuracy']:.4f}" in text
-  assert f"step {TINY_STEPS}" in text or f"(step {ev['checkpoint']['step']})" in text
+  # The checkpoint evaluated: the training run's best on validation, by its step.
+  assert f"Checkpoint: best (step {before['best_step']}).\n" in text
   for name in ev["names"]:
     assert f"| {name} |" in text
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_latest_checkpoint_and_validation_split(trained_workdir, tmp_path):  # noqa: F811
   workdir = tmp_path / "w"
   shutil.copytree(trained_workdir, workdir)
@@ -158,7 +164,15 @@ def test_tensorboard_events_hold_loss_learning_rate_and_metrics(trained_workdir)
     assert tag in scalars, (tag, sorted(scalars))
   steps = [s for s, _ in scalars["train/loss"]]
   assert steps == sorted(steps) and steps[-1] == TINY_STEPS
-  assert all(np.isfinite(v) and v > 0 for _, v in scalars["train/learning_rate"])
+  # The rate logged at step s is the schedule's at s - 1 (the step just taken).
+  from sdl_jax import train_state  # pylint: disable=g-import-not-at-top
+  run = json.loads((trained_workdir / "run.json").read_text())
+  lr_fn = train_state.create_learning_rate_fn(evaluate.load_config(str(trained_workdir)),
+                                              run["steps_per_epoch"], run["num_train_steps"])
+  logged = scalars["train/learning_rate"]
+  assert [s for s, _ in logged] == steps
+  for s, v in logged:
+    assert v == pytest.approx(float(lr_fn(s - 1)), rel=1e-6), s
 
 
 def test_config_for_workdir_takes_eval_flip_from_the_given_config(tmp_path):

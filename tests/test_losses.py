@@ -165,22 +165,34 @@ def test_jit_vmap_and_traced_lam():
   np.testing.assert_allclose(gs[1], g, rtol=1e-5, atol=1e-6)
 
 
-def test_pmap_with_pmean_matches_single_device():
+@pytest.mark.multidevice
+def test_pmap_gradients_over_local_devices_equal_the_global_batch():
+  """Data parallelism's arithmetic, over ``jax.local_device_count()`` devices: each device's
+  ``sdl_loss`` is the mean over its own ``n / n_dev`` rows, so its logits' gradient is the
+  global batch's times ``n_dev``; the ``pmean`` of a parameter's gradient (as
+  ``train.train_step`` takes it) is the global batch's gradient. Logits ``x @ w`` of a
+  linear model; the reference is the hand formula in NumPy on the whole batch."""
   n_dev = jax.local_device_count()
-  logits, labels, dist = _random_problem(7, n=4 * n_dev)
-  logits = jnp.asarray(logits, jnp.float32)
+  n, c, f = 4 * n_dev, 8, 5
+  logits0, labels, dist = _random_problem(7, n=n, c=c)
+  x = np.random.default_rng(17).normal(size=(n, f)).astype(np.float32)
+  # Least squares: w with x @ w close to the problem's logits, so the rows differ.
+  w = np.linalg.lstsq(x, logits0, rcond=None)[0].astype(np.float32)
 
-  def step(a, y, l):
-    g = jax.grad(sdl_loss)(a, y, l, 0.8)
-    return jax.lax.pmean(g, "d")
+  def step(w, x, y, l):
+    g_logits = jax.grad(sdl_loss)(x @ w, y, l, 0.8)
+    g_w = jax.grad(lambda w: sdl_loss(x @ w, y, l, 0.8))(w)
+    return g_logits, jax.lax.pmean(g_w, "d")
 
-  shard = lambda x: jnp.asarray(x).reshape((n_dev, -1) + x.shape[1:])
-  g = jax.pmap(step, axis_name="d")(shard(logits), shard(labels), shard(dist))
-  g_full = jax.grad(sdl_loss)(logits, labels, dist, 0.8)
-  # Each shard's mean over its rows, averaged over devices, is the global mean's gradient
-  # scaled by n_dev (each device divides by its own N).
-  np.testing.assert_allclose(np.asarray(g).reshape(logits.shape) / n_dev, g_full,
-                             rtol=1e-5, atol=1e-8)
+  shard = lambda a: jnp.asarray(a).reshape((n_dev, -1) + a.shape[1:])
+  g_logits, g_w = jax.pmap(step, axis_name="d", in_axes=(None, 0, 0, 0))(
+      jnp.asarray(w), shard(x), shard(labels), shard(dist.astype(np.float32)))
+  assert g_logits.shape == (n_dev, 4, c) and g_w.shape == (n_dev, f, c)
+  want_logits = _numpy_grad(x.astype(np.float64) @ w, labels, dist, 0.8)  # [n, C], mean / n
+  np.testing.assert_allclose(np.asarray(g_logits).reshape(n, c), want_logits * n_dev,
+                             rtol=1e-4, atol=1e-6)
+  for g in np.asarray(g_w):  # every device holds the global batch's gradient
+    np.testing.assert_allclose(g, x.T.astype(np.float64) @ want_logits, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_logits_computed_in_float32():

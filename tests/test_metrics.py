@@ -155,18 +155,36 @@ def test_accuracy_and_masked_sums_merge_exactly():
     assert merged[k] == pytest.approx(v, rel=1e-5), k
 
 
+@pytest.mark.multidevice
 def test_psum_across_devices_equals_whole():
+  """The evaluation's reduction over ``jax.local_device_count()`` devices: each device sums
+  its own masked rows (the last device's last row is padding), ``psum`` gives every device
+  the global sums, and their means equal the NumPy definitions on the unpadded rows."""
   n_dev = jax.local_device_count()
   rng = np.random.default_rng(3)
-  l = rng.dirichlet(np.ones(4), size=4 * n_dev).astype(np.float32)
-  p = rng.dirichlet(np.ones(4), size=4 * n_dev).astype(np.float32)
+  rows = 4 * n_dev
+  l = rng.dirichlet(np.ones(4), size=rows).astype(np.float32)
+  p = rng.dirichlet(np.ones(4), size=rows).astype(np.float32)
   y = l.argmax(1)
-  f = jax.pmap(lambda p, y, l: jax.lax.psum(M.batch_sums(p, y, l), "d"), axis_name="d")
+  y[::3] = p[::3].argmax(1)  # some right, some wrong
+  mask = np.ones(rows, np.float32)
+  mask[-1] = 0
+  p[-1] = np.nan  # padding's garbage must not leak
+  f = jax.pmap(lambda p, y, l, m: (M.batch_sums(p, y, l, m),
+                                   jax.lax.psum(M.batch_sums(p, y, l, m), "d")),
+               axis_name="d")
   sh = lambda x: x.reshape((n_dev, -1) + x.shape[1:])
-  got = M.finalize(jax.tree_util.tree_map(lambda x: x[0], f(sh(p), sh(y), sh(l))))
-  want = M.finalize(M.batch_sums(p, y, l))
-  for k, v in want.items():
-    assert got[k] == pytest.approx(v, rel=1e-6), k
+  local, total = f(sh(p), sh(y), sh(l), sh(mask))
+  # Each device counted its own rows only; every device holds the same global sums.
+  np.testing.assert_array_equal(local["count"], [4.0] * (n_dev - 1) + [3.0])
+  for k, v in total.items():
+    np.testing.assert_array_equal(v, np.full(n_dev, v[0]), err_msg=k)
+  got = M.finalize(jax.tree_util.tree_map(lambda x: x[0], total))
+  assert got["count"] == rows - 1
+  assert got["accuracy"] == pytest.approx(np.mean(p[:-1].argmax(1) == y[:-1]))
+  want = _np_all_measures(l[:-1], p[:-1])
+  for k in M.ALL_MEASURES:
+    assert got[k] == pytest.approx(want[k].mean(), rel=1e-5), k
 
 
 def test_finalize_empty_raises():

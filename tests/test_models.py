@@ -1,6 +1,6 @@
 """Backbones: each flax model equals a PyTorch reference on the same random weights and
-inputs (eval-mode BatchNorm, max abs difference <= 1e-4 in float32), and the model API
-(shapes, dtypes, the ``head`` group, parameter and MAC counts)."""
+inputs (eval-mode BatchNorm, float32, max abs difference <= ``TOL`` x max |logit|), and the
+model API (shapes, dtypes, the ``head`` group, parameter and MAC counts)."""
 
 import importlib.util
 
@@ -26,7 +26,14 @@ if HAS_TORCH:
 
 NAMES = ["small_cnn", "vgg16", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
          "efficientnet_lite2"]
-TOL = 1e-4
+# Flax against PyTorch, relative to the largest logit. Measured on every case below
+# (2026-12-06, epyc-zen4, commit 8dc0d43): at most 4.2e-7 on the CPU paths (1.5e-7
+# absolute, ResNet-50 at 64 px) and 5.3e-7 on XLA's own layers (SDL_JAX_KERNELS=xla);
+# 2e-6 leaves a margin of about 4x for other summation orders (other CPUs, oneDNN or XLA
+# versions).
+TOL = 2e-6
+# The hand-written XLA:CPU layers against XLA's own, in train mode (below).
+PATHS_TOL = 1e-4
 
 
 def _compare_with_torch(name, size, batch=2, num_classes=10, seed=0, **kwargs):
@@ -45,8 +52,8 @@ def _compare_with_torch(name, size, batch=2, num_classes=10, seed=0, **kwargs):
   diff = float(np.max(np.abs(np.asarray(got) - want)))
   print(f"{name} {size}x{size} {kwargs or ''}: max|flax - torch| = {diff:.2e} "
         f"(max|logit| {np.max(np.abs(want)):.3f})")
-  # Also relative to the logits' scale, which is small with PyTorch's default init.
-  assert diff <= TOL * np.max(np.abs(want))
+  # Relative to the logits' scale, which is small with PyTorch's default init.
+  assert diff <= TOL * np.max(np.abs(want)), diff / np.max(np.abs(want))
   return diff
 
 
@@ -61,7 +68,7 @@ def _compare_with_torch(name, size, batch=2, num_classes=10, seed=0, **kwargs):
     ("resnet50", 33, dict(stage_sizes=(1, 1, 1, 1))),
 ])
 def test_equals_torch_reference_small(name, size, kwargs):
-  assert _compare_with_torch(name, size, **kwargs) <= TOL
+  _compare_with_torch(name, size, **kwargs)
 
 
 @requires_torch
@@ -74,7 +81,7 @@ def test_equals_torch_reference_small(name, size, kwargs):
     ("efficientnet_lite2", 67),
 ])
 def test_equals_torch_reference_full(name, size):
-  assert _compare_with_torch(name, size, batch=1 if name == "vgg16" else 2) <= TOL
+  _compare_with_torch(name, size, batch=1 if name == "vgg16" else 2)
 
 
 @requires_torch
@@ -156,11 +163,11 @@ def test_hand_paths_and_xla_paths_compute_the_same(name, size, kwargs):
   (_, (logits, state)), grads = out["cpu"]
   (_, (logits_x, state_x)), grads_x = out["xla"]
   # 1e-4 as against PyTorch: train-mode BatchNorm on tiny maps amplifies rounding.
-  np.testing.assert_allclose(logits_x, logits, atol=TOL * np.abs(logits).max())
+  np.testing.assert_allclose(logits_x, logits, atol=PATHS_TOL * np.abs(logits).max())
   scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=TOL * scale),
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=PATHS_TOL * scale),
                          grads_x, grads)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=1e-6),
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=PATHS_TOL, atol=1e-6),
                          state_x, state)
   # Each model here has hand-written gradients on the CPU paths, fewer on XLA's (small_cnn
   # keeps its 2x2 max-pool's on both).
