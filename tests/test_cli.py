@@ -19,16 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 CHECKOUT_CONFIG = REPO / "configs" / "sdl.py"
 
 
-def _parse(*argv):
+def _parse(monkeypatch, *argv):
   """Parses argv with the command's flags (config_flags reads overrides from sys.argv)."""
   fv = flags.FlagValues()
   cli.define_flags(fv)
-  old = sys.argv
-  sys.argv = ["sdl-jax", *argv]
-  try:
-    fv(sys.argv)
-  finally:
-    sys.argv = old
+  monkeypatch.setattr(sys, "argv", ["sdl-jax", *argv])
+  fv(sys.argv)
   return fv
 
 
@@ -65,30 +61,30 @@ def test_checkout_config_is_the_packaged_one(preset, tmp_path, monkeypatch):
   spec.loader.exec_module(module)
   assert module.PRESETS == sdl.PRESETS
   monkeypatch.chdir(tmp_path)
-  by_name = _parse(f"--config={preset}").config
-  by_file = _parse(f"--config=sdl.py:{preset}").config
+  by_name = _parse(monkeypatch, f"--config={preset}").config
+  by_file = _parse(monkeypatch, f"--config=sdl.py:{preset}").config
   assert module.get_config(preset).to_dict() == by_name.to_dict() == by_file.to_dict()
 
 
 def test_config_flag_takes_overrides_and_rejects_bad_names(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  fv = _parse("--config=flickr_ldl", "--config.lam=0.5", "--config.data.path=/d",
+  fv = _parse(monkeypatch, "--config=flickr_ldl", "--config.lam=0.5", "--config.data.path=/d",
               "--mode=predict", "--images=a.jpg,b/")
   assert (fv.config.name, fv.config.lam, fv.config.data.path) == ("flickr_ldl", 0.5, "/d")
   assert fv.images == ["a.jpg", "b/"] and fv.mode == "predict"
-  assert _parse().config is None  # evaluate / predict: the workdir's saved config
+  assert _parse(monkeypatch).config is None  # evaluate / predict: the workdir's saved config
   with pytest.raises(flags.IllegalFlagValueError, match="'nope'.*presets"):
-    _parse("--config=nope")
+    _parse(monkeypatch, "--config=nope")
 
 
 def test_modes_check_their_flags_before_loading_anything(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(app.UsageError, match="--images is required"):
-    cli.main(["sdl-jax"], _parse("--mode=predict", f"--workdir={tmp_path}"))
+    cli.main(["sdl-jax"], _parse(monkeypatch, "--mode=predict", f"--workdir={tmp_path}"))
   with pytest.raises(app.UsageError, match="--workdir is required for --mode=evaluate"):
-    cli.main(["sdl-jax"], _parse("--mode=evaluate"))
+    cli.main(["sdl-jax"], _parse(monkeypatch, "--mode=evaluate"))
   with pytest.raises(app.UsageError, match="unexpected arguments: extra"):
-    cli.main(["sdl-jax", "extra"], _parse())
+    cli.main(["sdl-jax", "extra"], _parse(monkeypatch))
 
 
 def test_help_and_import_load_neither_jax_nor_tensorflow():

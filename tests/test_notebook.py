@@ -58,10 +58,10 @@ def test_notebook_is_valid_and_colab_ready():
     assert needle in source, needle
 
 
-def _colab_like_venv(root: Path, monkeypatch) -> Path:
-  """A venv with Colab's tensorflow and torch and a kernel named KERNEL; the kernel's
-  processes see it as their environment. Returns its python."""
-  python = wf.make_venv(root)
+def _colab_like(python: Path, monkeypatch) -> None:
+  """Installs Colab's tensorflow and torch and a kernel named KERNEL in the venv of
+  ``python``; the kernel's processes see it as their environment."""
+  root = python.parent.parent
   wf.pip_install(python, *PREINSTALLED, "ipykernel")
   subprocess.run([str(python), "-m", "ipykernel", "install", "--prefix", str(root),
                   "--name", KERNEL], check=True, capture_output=True, timeout=300,
@@ -71,7 +71,6 @@ def _colab_like_venv(root: Path, monkeypatch) -> Path:
     monkeypatch.setenv(key, env[key])
   monkeypatch.delenv("PYTHONPATH", raising=False)
   monkeypatch.setenv("JUPYTER_PATH", str(root / "share" / "jupyter"))
-  return python
 
 
 def _execute(nb, folder: Path):
@@ -85,10 +84,16 @@ def _execute(nb, folder: Path):
 @pytest.mark.slow
 def test_notebook_installs_beside_colabs_packages_and_runs(tmp_path, tmp_path_factory,
                                                           monkeypatch):
+  wheel = wf.built_wheel(tmp_path_factory)
+  with wf.fresh_venv(tmp_path / "colab") as python:
+    _colab_like(python, monkeypatch)
+    _run_notebook(python, wheel, tmp_path, monkeypatch)
+
+
+def _run_notebook(python, wheel, tmp_path, monkeypatch):
+  """The notebook, unset and placeholder sources first, then the wheel; the checks."""
   import nbclient  # pylint: disable=g-import-not-at-top
   import nbformat  # pylint: disable=g-import-not-at-top
-  wheel = wf.built_wheel(tmp_path_factory)
-  python = _colab_like_venv(tmp_path / "colab", monkeypatch)
   kept = wf.versions(python, "tensorflow", "torch")
   assert None not in kept.values(), kept
   content = tmp_path / "content"  # Colab's working folder: no checkout in sight

@@ -38,8 +38,9 @@ def test_sdist_and_wheel_hold_the_package_data(tmp_path):
   sdist, wheel = wf.build(src, tmp_path / "dist")
   with zipfile.ZipFile(wheel) as z:
     in_wheel = set(z.namelist())
-    entry_points = next(z.read(n).decode() for n in in_wheel
-                        if n.endswith(".dist-info/entry_points.txt"))
+    entry_points, metadata = (
+        next(z.read(n).decode() for n in in_wheel if n.endswith(f".dist-info/{name}"))
+        for name in ("entry_points.txt", "METADATA"))
   with tarfile.open(sdist) as t:
     root = t.getnames()[0].split("/")[0]
     in_sdist = {n[len(root) + 1:] for n in t.getnames()}
@@ -50,16 +51,41 @@ def test_sdist_and_wheel_hold_the_package_data(tmp_path):
     assert name in in_wheel, name
     assert name in in_sdist, name
   assert "sdl-jax = sdl_jax.cli:run" in entry_points
+  _check_requirements(metadata)
   assert {"run.py", "configs/sdl.py", "setup.cfg", "MANIFEST.in"} <= in_sdist
   # The checkout's shells stay out of the installed package.
   assert not any(n.startswith(("configs/", "run.py", "tests/")) for n in in_wheel)
 
 
+def _check_requirements(metadata: str):
+  """An environment's own tensorflow and torch (Colab's) satisfy what the wheel asks."""
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  reqs = [Requirement(l.split(":", 1)[1].strip()) for l in metadata.splitlines()
+          if l.startswith("Requires-Dist:")]
+  by_extra = {}
+  for r in reqs:
+    extra = next((e for e in ("torch", "test", "tpu", "cuda")
+                  if r.marker and r.marker.evaluate({"extra": e})), None)
+    by_extra.setdefault((r.name, extra), r)
+  # The full tensorflow everywhere: tensorflow-cpu would overwrite an installed one.
+  assert not any(r.name == "tensorflow-cpu" for r in reqs)
+  assert by_extra[("tensorflow", None)].marker is None
+  # The torch extra takes the torch that is there (a CUDA build, say); the tests pin theirs.
+  torch = by_extra[("torch", "torch")].specifier
+  assert torch.contains("2.8.0+cu126") and torch.contains("2.13.0+cpu")
+  assert str(by_extra[("torch", "test")].specifier) == "==2.13.0"
+
+
 @pytest.mark.slow
 def test_wheel_trains_and_predicts_from_any_folder(tmp_path, tmp_path_factory):
   wheel = wf.built_wheel(tmp_path_factory)
-  python = wf.make_venv(tmp_path / "venv")
-  wf.pip_install(python, str(wheel))
+  with wf.fresh_venv(tmp_path / "venv") as python:
+    wf.pip_install(python, str(wheel))
+    _train_and_predict(python, tmp_path)
+
+
+def _train_and_predict(python, tmp_path):
+  """The tiny default job and a prediction, from a folder without the repository."""
   elsewhere = tmp_path / "elsewhere"  # no configs/, no sdl_jax/ here
   elsewhere.mkdir()
   env = wf.venv_env(python, SDL_JAX_CACHE=str(tmp_path / "cache"))
