@@ -103,4 +103,8 @@ def run():
   # are defined in this module (and the config flag in ml_collections), so declare them.
   for name in FLAG_NAMES:
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+  # --help starts with the main module's docstring: the console script's has none.
+  main_module = sys.modules["__main__"]
+  if not getattr(main_module, "__doc__", None):
+    main_module.__doc__ = __doc__
   app.run(main)
