@@ -269,10 +269,8 @@ def _app_main(argv):
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file(
-      "config", None, "Config file, optionally with a preset: configs/sdl.py:<preset>.",
-      lock_config=True)
+  from sdl_jax import configs  # pylint: disable=g-import-not-at-top
+  configs.define_config_flag("config")  # a preset, sdl.py:<preset> or a config file
   flags.DEFINE_string("workdir", None, "The sweep's directory (one sub-directory per run).")
   flags.DEFINE_string("lams", "0,0.2,0.4,0.6,0.8,1", "Comma-separated lambda values.")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds (config.seed).")
