@@ -31,10 +31,6 @@ def _run(python, args, cwd, env, timeout=600):
 @pytest.mark.slow
 def test_sdist_and_wheel_hold_the_package_data(tmp_path):
   src = wf.copy_sources(tmp_path / "src")
-  # Trained models land in sdl_jax/pretrained/; two stand-ins check that they would ship.
-  (src / "sdl_jax" / "pretrained").mkdir(exist_ok=True)
-  for name in ("packaging_probe.json", "packaging_probe.msgpack"):
-    (src / "sdl_jax" / "pretrained" / name).write_bytes(b"{}")
   sdist, wheel = wf.build(src, tmp_path / "dist")
   with zipfile.ZipFile(wheel) as z:
     in_wheel = set(z.namelist())
@@ -46,8 +42,8 @@ def test_sdist_and_wheel_hold_the_package_data(tmp_path):
     in_sdist = {n[len(root) + 1:] for n in t.getnames()}
   for name in ("sdl_jax/cpu/csrc/dnnl_conv.cc", "sdl_jax/configs/sdl.py",
                "sdl_jax/configs/__init__.py", "sdl_jax/cli.py", "sdl_jax/__main__.py",
-               "sdl_jax/pretrained/packaging_probe.json",
-               "sdl_jax/pretrained/packaging_probe.msgpack"):
+               "sdl_jax/pretrained/ferplus.json", "sdl_jax/pretrained/ferplus.msgpack",
+               "sdl_jax/pretrained/flickr_ldl.json", "sdl_jax/pretrained/flickr_ldl.msgpack"):
     assert name in in_wheel, name
     assert name in in_sdist, name
   assert "sdl-jax = sdl_jax.cli:run" in entry_points
@@ -113,3 +109,11 @@ def _train_and_predict(python, tmp_path):
   assert list(row["distribution"]) == list(emotions.MIKELS8.names)
   assert sum(row["distribution"].values()) == pytest.approx(1.0, abs=1e-5)
   assert row["dominant"] == max(row["distribution"], key=row["distribution"].get)
+
+  # A shipped model, installed with the wheel: no workdir, no training, no download.
+  face = _run(python, ["sdl-jax", "--mode=predict", "--pretrained=ferplus",
+                       "--images=photo.png"], elsewhere, env)
+  assert face.returncode == 0, face.stderr[-4000:]
+  (row,) = [json.loads(l) for l in face.stdout.splitlines() if l.startswith("{")]
+  assert list(row["distribution"]) == list(emotions.FERPLUS.names)
+  assert sum(row["distribution"].values()) == pytest.approx(1.0, abs=1e-5)
