@@ -295,10 +295,16 @@ def main(workdir: str, images: Sequence[str], out: str | None = None,
          plot_dir: str | None = None, which: str = "best",
          batch_size: int = DEFAULT_BATCH) -> int:
   """``--mode=predict``: writes JSON lines (to ``out``, default stdout); returns the exit
-  status: 0 if every image was predicted, 1 if any failed (a line says why)."""
+  status: 0 if every image was predicted, 1 if any failed or the checkpoint is broken (a
+  line says why)."""
   if not images:
     raise ValueError("--images is empty: give image files and/or folders, comma-separated")
-  predictor = Predictor.from_workdir(workdir, which=which, batch_size=batch_size)
+  from sdl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from sdl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  try:
+    predictor = Predictor.from_workdir(workdir, which=which, batch_size=batch_size)
+  except checkpoint.CheckpointError as e:  # broken: one line, no predictions
+    return evaluate.refuse("predict", e)
   rows = predictor.predict(list(images))
   stream = open(out, "w", encoding="utf-8") if out else sys.stdout
   try:
