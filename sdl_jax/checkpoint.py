@@ -116,28 +116,38 @@ class Checkpoints:
     """Writes the manifest of a committed checkpoint (process 0; all files are there)."""
     where = self.directory(which, step)
     if jax.process_index() == 0 and os.path.isdir(where):
-      integrity.write_manifest(where)
+      try:
+        integrity.write_manifest(where)
+      except OSError as e:
+        raise CheckpointError(f"writing {where}/{integrity.MANIFEST} failed: {e}; the "
+                              "checkpoint itself is complete (it will be restored "
+                              "unchecked)") from e
 
-  def verify(self, which: str, step: int) -> bool:
-    """Checks the ``which`` checkpoint of ``step`` against its manifest.
-
-    Returns:
-      ``True`` if it matches, ``False`` (after a WARNING) if it has no manifest.
-
-    Raises:
-      CheckpointError: one line naming the checkpoint and the file that differs.
-    """
+  def _problem(self, which: str, step: int) -> str | None:
+    """Why the checkpoint does not match its manifest; ``None`` if it does, or if it has
+    no manifest (after a WARNING)."""
     where = self.directory(which, step)
     try:
       checked = integrity.verify(where)
     except integrity.IntegrityError as e:
-      raise CheckpointError(f"checkpoint {where} is broken: {e}. It was left untouched; "
-                            "restore it from a copy or move it away") from None
+      return f"checkpoint {where} is broken: {e}"
     if not checked:
       logging.warning("checkpoint %s has no %s (written by an older version, or its run "
                       "stopped right after saving it): restoring it unchecked", where,
                       integrity.MANIFEST)
-    return checked
+    return None
+
+  def verify(self, which: str, step: int) -> None:
+    """Checks the ``which`` checkpoint of ``step`` against its manifest (a WARNING if it
+    has none).
+
+    Raises:
+      CheckpointError: one line naming the checkpoint and the file that differs.
+    """
+    problem = self._problem(which, step)
+    if problem:
+      raise CheckpointError(f"{problem}. It was left untouched; restore it from a copy or "
+                            "move it away")
 
   def resume_step(self) -> int | None:
     """The newest latest checkpoint that passes ``verify``, ``None`` if there is none.
@@ -148,24 +158,23 @@ class Checkpoints:
     Raises:
       CheckpointError: there are latest checkpoints and every one of them is broken.
     """
-    steps = sorted(self._latest.all_steps(), reverse=True)
     broken = []
-    for step in steps:
-      try:
-        self.verify("latest", step)
-      except CheckpointError as e:
-        broken.append((step, e))
+    for step in sorted(self._latest.all_steps(), reverse=True):
+      problem = self._problem("latest", step)
+      if problem:
+        broken.append((step, problem))
         continue
-      for bad, error in broken:
-        moved = self._quarantine(bad) if jax.process_index() == 0 else "(process 0 moves it)"
+      for bad, why in broken:
+        moved = self._quarantine(bad) if jax.process_index() == 0 else "(by process 0)"
         logging.warning("%s; moved to %s; resuming from the newest intact checkpoint, %s",
-                        error, moved, self.directory("latest", step))
+                        why, moved, self.directory("latest", step))
       if broken:
         self._latest.reload()
       return step
     if broken:
       raise CheckpointError("no intact checkpoint to resume from: " +
-                            "; ".join(str(e) for _, e in broken))
+                            "; ".join(why for _, why in broken) +
+                            ". They were left untouched; move them away to start afresh")
     return None
 
   def _quarantine(self, step: int) -> str:
@@ -251,7 +260,8 @@ class Checkpoints:
 
   # -- restoring -----------------------------------------------------------------------
 
-  def restore(self, target, which: str = "latest", step: int | None = None):
+  def restore(self, target, which: str = "latest", step: int | None = None,
+              check: bool = True):
     """Restores the ``which`` ('latest' | 'best') checkpoint into ``target``'s structure,
     after checking it against its manifest (``verify``).
 
@@ -259,6 +269,7 @@ class Checkpoints:
       target: a freshly created state (concrete or abstract) of the same config.
       which: ``'latest'`` or ``'best'``.
       step: a specific step; default the newest of that kind.
+      check: ``verify`` it first (``False`` only right after ``resume_step`` chose it).
 
     Returns:
       The restored state (host arrays), or ``None`` if there is no such checkpoint.
@@ -274,7 +285,8 @@ class Checkpoints:
     if step is None:
       return None
     where = self.directory(which, step)
-    self.verify(which, step)
+    if check:
+      self.verify(which, step)
     try:
       restored = mgr.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
     except Exception as e:  # pylint: disable=broad-except

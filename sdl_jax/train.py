@@ -287,7 +287,7 @@ def _train(config, workdir: str, builder, t_start: float, stop_after_step: int |
   if latest is None and config.get("head_init", "random") == "probe":
     state = train_state.head_from_probe(state, config, builder, model, workdir)
   if latest is not None:
-    state = ckpts.restore(state, "latest", latest)
+    state = ckpts.restore(state, "latest", latest, check=False)  # resume_step checked it
     logging.info("resuming from step %d (checkpoint %s)", int(state.step),
                  ckpts.directory("latest", latest))
     print(f"resuming from step {int(state.step)} ({ckpts.directory('latest', latest)})",

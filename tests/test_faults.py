@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
 import errno, importlib, os, runpy, signal, sys
-at, match, how = (os.environ.get(k) for k in ("SDL_FAULT_AT", "SDL_FAULT_MATCH", "SDL_FAULT"))
+at, match, how = (os.environ.get(f"SDL_FAULT{k}") for k in ("_AT", "_MATCH", ""))
 if at:
   module, _, attr = at.partition(":")
   owner = importlib.import_module(module)
@@ -105,7 +105,8 @@ def _assert_same_state(a, b):
 
 
 def _largest_file(checkpoint: Path) -> Path:
-  files = [f for f in checkpoint.rglob("*") if f.is_file() and f.name != integrity.MANIFEST]
+  """The largest file of array data (under a ``d/`` folder of orbax's OCDBT store)."""
+  files = [f for f in checkpoint.rglob("*") if f.is_file() and f.parent.name == "d"]
   return max(files, key=lambda f: f.stat().st_size)
 
 
@@ -217,6 +218,14 @@ def test_flipped_block_in_the_best_checkpoint_is_refused_in_one_line(tmp_path, c
   assert "Traceback" not in p.stderr
   _no_cascade(p.stderr)
   assert {n: (wd / n).read_bytes() for n in before} == before
+  # Prediction refuses it the same way.
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+  p = _run(REPO / "run.py", [f"--workdir={wd}", "--mode=predict",
+                             f"--images={tmp_path / 'x.png'}"], caches)
+  assert p.returncode == 1 and not p.stdout
+  assert p.stderr.strip().splitlines()[-1].startswith(
+      f"predict: checkpoint {wd / 'checkpoints_best' / '6'} is broken")
+  assert "Traceback" not in p.stderr
 
 
 @pytest.mark.slow
@@ -308,3 +317,46 @@ def test_lock_refuses_a_second_holder_and_is_empty_once_released(tmp_path):
   with workdir_lock.WorkdirLock(str(tmp_path), "evaluation"):  # free again
     pass
   assert workdir_lock.WorkdirLock(str(tmp_path), "x", active=False).acquire() is None
+
+
+def test_resume_step_skips_broken_checkpoints_and_accepts_unsealed_ones(tmp_path, caplog):
+  from sdl_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  state = {"w": np.arange(4, dtype=np.float32)}
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), keep=3, best_metric="kl",
+                               higher_is_better=False)
+  for step in (1, 2, 3):
+    ckpts.save(step, {"w": state["w"] + step})
+  ckpts.wait()
+  ckpts.close()
+  latest = tmp_path / "checkpoints"
+  assert all(integrity.verify(str(latest / str(s))) for s in (1, 2, 3))
+  (latest / "2" / integrity.MANIFEST).unlink()  # as an older version left it
+  victim = _largest_file(latest / "3")
+  victim.write_bytes(victim.read_bytes()[:-1])
+
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), keep=3, best_metric="kl",
+                               higher_is_better=False)
+  with caplog.at_level("WARNING"):
+    assert ckpts.resume_step() == 2
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any(f"checkpoint {latest / '3'} is broken" in w and "checkpoints_broken" in w
+             for w in warnings), warnings
+  assert any(f"{latest / '2'} has no SHA256SUMS" in w for w in warnings), warnings
+  assert (tmp_path / "checkpoints_broken" / "3").is_dir() and not (latest / "3").exists()
+  assert ckpts.latest_step() == 2
+  got = ckpts.restore({"w": np.zeros(4, np.float32)}, "latest", 2)
+  np.testing.assert_array_equal(got["w"], state["w"] + 2)
+  ckpts.close()
+
+  # Every one broken: an error naming each, and nothing moved.
+  for s in (1, 2):
+    integrity.write_manifest(str(latest / str(s)))
+    f = _largest_file(latest / str(s))
+    data = f.read_bytes()
+    f.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), keep=3, best_metric="kl",
+                               higher_is_better=False)
+  with pytest.raises(ckpt_lib.CheckpointError, match="no intact checkpoint to resume from"):
+    ckpts.resume_step()
+  assert sorted(p.name for p in latest.iterdir()) == ["1", "2"]
+  ckpts.close()
