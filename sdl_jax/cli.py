@@ -91,8 +91,14 @@ def main(argv, f=FLAGS) -> int:
   from sdl_jax import cpu  # pylint: disable=g-import-not-at-top
   cpu.configure(config)
   if f.mode == "train":
-    from sdl_jax import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, f.workdir)
+    from sdl_jax import checkpoint, evaluate, train  # pylint: disable=g-import-not-at-top
+    from sdl_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+    try:
+      train.train_and_evaluate(config, f.workdir)
+    except (checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
+      # A workdir in use, no intact checkpoint to resume, a failed save: the user acts
+      # on the message, which a traceback would bury.
+      return evaluate.refuse("train", e)
     return 0
   if f.mode == "predict":
     return _predict(f)

@@ -393,14 +393,29 @@ def _command_line() -> str:
   return " ".join(argv)
 
 
+def refuse(mode: str, error: Exception) -> int:
+  """Prints ``error`` as one line on stderr, prefixed with ``mode``; returns 1 (the exit
+  status). For the errors a user acts on (a broken checkpoint, a workdir in use)."""
+  print(f"{mode}: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+  return 1
+
+
 def main(config, workdir: str, split: str = "test", which: str = "best") -> int:
   """``--mode=evaluate``: the workdir's saved config, with the data location of
-  ``config`` (``--config``, may be ``None``); see ``config_for_workdir``. Returns 0."""
+  ``config`` (``--config``, may be ``None``); see ``config_for_workdir``. Holds the
+  workdir's lock (``sdl_jax.workdir_lock``) while it runs. Returns 0, or 1 after one line
+  on stderr if the checkpoint is broken or the workdir in use (nothing is written)."""
+  from sdl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from sdl_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   if not workdir:
     raise ValueError("--workdir is required for --mode=evaluate")
   config = config_for_workdir(workdir, config)
-  evaluation = evaluate_workdir(workdir, config=config, split=split, which=which,
-                                command=_command_line())
+  try:
+    with workdir_lock.WorkdirLock(workdir, "evaluation"):
+      evaluation = evaluate_workdir(workdir, config=config, split=split, which=which,
+                                    command=_command_line())
+  except (checkpoint.CheckpointError, workdir_lock.WorkdirLockedError) as e:
+    return refuse("evaluate", e)
   m = evaluation["model"]
   print(f"{split}: {evaluation['count']} images, accuracy {m['accuracy']:.4f}, "
         f"KL {m['kl']:.4f}; report in {os.path.join(workdir, 'report.md')}", flush=True)

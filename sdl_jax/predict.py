@@ -313,7 +313,8 @@ def main(workdir: str | None, images: Sequence[str], out: str | None = None,
          plot_dir: str | None = None, which: str = "best",
          batch_size: int = DEFAULT_BATCH, pretrained: str | None = None) -> int:
   """``--mode=predict``: writes JSON lines (to ``out``, default stdout); returns the exit
-  status: 0 if every image was predicted, 1 if any failed (a line says why).
+  status: 0 if every image was predicted, 1 if any failed or the model cannot be used
+  (a broken checkpoint, an unknown or damaged shipped model: one line says why).
 
   The model is ``workdir``'s ``which`` checkpoint, or the shipped model ``pretrained``
   (exactly one of the two)."""
@@ -322,10 +323,15 @@ def main(workdir: str | None, images: Sequence[str], out: str | None = None,
   if bool(workdir) == bool(pretrained):
     raise ValueError("give either --workdir (a trained work directory) or --pretrained "
                      "(a shipped model), not both or neither")
-  if pretrained:
-    predictor = Predictor.from_pretrained(pretrained, batch_size=batch_size)
-  else:
-    predictor = Predictor.from_workdir(workdir, which=which, batch_size=batch_size)
+  from sdl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from sdl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  try:
+    if pretrained:
+      predictor = Predictor.from_pretrained(pretrained, batch_size=batch_size)
+    else:
+      predictor = Predictor.from_workdir(workdir, which=which, batch_size=batch_size)
+  except (checkpoint.CheckpointError, ValueError) as e:  # one line, no predictions
+    return evaluate.refuse("predict", e)
   rows = predictor.predict(list(images))
   stream = open(out, "w", encoding="utf-8") if out else sys.stdout
   try:

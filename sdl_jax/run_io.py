@@ -129,10 +129,13 @@ def maybe_initialize_distributed(config):
 
 def write_json(path, obj):
   """Writes ``obj`` to ``path`` as indented JSON (``str`` of what JSON cannot hold), from
-  process 0 only."""
+  process 0 only, atomically: a temporary file renamed over ``path``, so a process killed
+  meanwhile leaves the old file whole."""
   if jax.process_index() == 0:
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
       json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def save_config(workdir: str, config) -> None:
@@ -158,15 +161,18 @@ def duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def load_data(config, workdir: str):
-  """Prepares the data set, then creates ``workdir`` and copies the build's records into
-  it (process 0). The data comes first so that a failed build leaves no empty workdir."""
+def load_data(config, workdir: str, lock=None):
+  """Prepares the data set, then creates ``workdir``, takes ``lock`` (a
+  ``workdir_lock.WorkdirLock``, if given) and copies the build's records into it
+  (process 0). The data comes first so that a failed build leaves no empty workdir."""
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
   from sdl_jax.data import buildlog  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   builder = data.get_builder(config.data)
   os.makedirs(workdir, exist_ok=True)
+  if lock is not None:
+    lock.acquire()
   if jax.process_index() == 0:
     buildlog.copy_build_records(builder, workdir)
   return builder

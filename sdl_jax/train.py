@@ -33,10 +33,12 @@ The workdir (written by process 0; checkpoints by all processes through orbax)::
                            the split used (copied from the prepared data set; none for
                            the built-in synthetic set)
 
-Running the same command again resumes from the latest checkpoint ("resuming from step
-N") and ends with the same parameters as a run that went straight through: the data
-stream and the dropout keys are functions of ``(seed, step)``. SIGTERM or Ctrl-C saves a
-checkpoint at the next step boundary and returns cleanly.
+Running the same command again resumes from the newest intact checkpoint ("resuming from
+step N"; broken ones are moved aside with a warning, see ``sdl_jax.checkpoint``) and ends
+with the same parameters as a run that went straight through: the data stream and the
+dropout keys are functions of ``(seed, step)``. SIGTERM or Ctrl-C saves a checkpoint at
+the next step boundary and returns cleanly. A run holds ``workdir.lock``
+(``sdl_jax.workdir_lock``): a second one on the same workdir refuses to start.
 
 ``sdl_jax.evaluate.restore(config, workdir, which)`` gives the TrainState of a workdir for
 evaluation and inference; ``sdl_jax.report.write_report`` writes ``report.md``. Around the
@@ -66,6 +68,7 @@ from sdl_jax import report
 from sdl_jax import run_io
 from sdl_jax import train_state
 from sdl_jax import validation
+from sdl_jax import workdir_lock
 
 AXIS = "batch"
 
@@ -248,9 +251,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   run_io.maybe_initialize_distributed(config)
   validation.validate_config(config)
   workdir = workdir or run_io.default_workdir(config)
-  from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  # One training run per workdir at a time (sdl_jax.workdir_lock), from the data's copy on.
+  lock = workdir_lock.WorkdirLock(workdir, "training", active=jax.process_index() == 0)
+  try:
+    builder = run_io.load_data(config, workdir, lock)
+    return _train(config, workdir, builder, t_start, stop_after_step)
+  finally:
+    lock.release()
 
-  builder = run_io.load_data(config, workdir)
+
+def _train(config, workdir: str, builder, t_start: float, stop_after_step: int | None):
+  """``train_and_evaluate`` once the data is ready and the workdir locked."""
+  from sdl_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   num_classes = builder.info.features["label"].num_classes
   class_names = list(builder.info.features["label"].names)
   # Fails early, with a message naming the flag, if the batch does not divide.
@@ -259,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   model = train_state.create_model(config, num_classes)
   ckpts = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints, config.best_metric,
                                metrics_lib.HIGHER_IS_BETTER[config.best_metric])
-  latest = ckpts.latest_step()
+  latest = ckpts.resume_step()  # the newest intact one; broken newer ones moved aside
   start_step = int(latest or 0)
 
   train_ds, steps_per_epoch = pipeline.train_dataset(builder, config, start_step=start_step)
@@ -275,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if latest is None and config.get("head_init", "random") == "probe":
     state = train_state.head_from_probe(state, config, builder, model, workdir)
   if latest is not None:
-    state = ckpts.restore(state, "latest")
+    state = ckpts.restore(state, "latest", latest, check=False)  # resume_step checked it
     logging.info("resuming from step %d (checkpoint %s)", int(state.step),
                  ckpts.directory("latest", latest))
     print(f"resuming from step {int(state.step)} ({ckpts.directory('latest', latest)})",
