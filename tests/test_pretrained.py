@@ -137,3 +137,12 @@ def test_predict_command_with_a_shipped_model(tmp_path):
     assert abs(sum(r["distribution"].values()) - 1.0) < 1e-4
   assert "error" in rows[3]
   assert "3 image(s) predicted, 1 failed" in proc.stderr
+
+
+def test_predict_refuses_an_unknown_model_in_one_line(tmp_path, capsys):
+  from sdl_jax import predict  # pylint: disable=g-import-not-at-top
+  assert predict.main(None, [str(tmp_path)], pretrained="no_such_model") == 1
+  captured = capsys.readouterr()
+  assert not captured.out
+  assert captured.err.strip().splitlines() == [
+      "predict: no pretrained model named 'no_such_model' (available: ferplus, flickr_ldl)"]
