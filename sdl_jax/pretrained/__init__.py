@@ -24,10 +24,11 @@ The model cards, with data, licence, intended use and limits, are ``docs/models/
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from typing import Any
+
+from sdl_jax.integrity import sha256_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FORMAT = "sdl_jax.pretrained/1"
@@ -52,14 +53,6 @@ def available() -> tuple[str, ...]:
 
 def _path(name: str, ext: str, directory: str | None = None) -> str:
   return os.path.join(directory or HERE, name + ext)
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def read_meta(name: str, directory: str | None = None) -> dict[str, Any]:
