@@ -52,6 +52,7 @@ from sdl_jax import models
 from sdl_jax import run_io
 from sdl_jax import train_state
 from sdl_jax import validation
+from sdl_jax import workdir_lock
 
 SPLITS = ("train", "validation", "test")
 
@@ -362,9 +363,18 @@ def probe_and_evaluate(config, workdir: str | None = None) -> dict:
   if not config.probe_weight_decays:
     raise ValueError("config.probe_weight_decays is empty: give at least one weight decay")
   workdir = workdir or os.path.join("workdirs", f"{config.get('name', 'run')}_probe")
-  os.makedirs(workdir, exist_ok=True)
+  # One run per workdir at a time, as for training (sdl_jax.workdir_lock).
+  lock = workdir_lock.WorkdirLock(workdir, "linear probe", active=jax.process_index() == 0)
+  try:
+    builder = run_io.load_data(config, workdir, lock)
+    return _probe_and_evaluate(config, workdir, builder, t_start)
+  finally:
+    lock.release()
+
+
+def _probe_and_evaluate(config, workdir: str, builder, t_start: float) -> dict:
+  """``probe_and_evaluate`` once the data is ready and the workdir locked."""
   feature_dir = config.get("probe_feature_dir") or os.path.join(workdir, "features")
-  builder = run_io.load_data(config, workdir)
   num_classes = builder.info.features["label"].num_classes
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))

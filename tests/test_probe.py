@@ -128,6 +128,22 @@ def test_training_entry_point_dispatches_to_the_probe(probe_runs, tmp_path):
   assert not (tmp_path / "via_train" / "checkpoints").exists()
 
 
+def test_a_probe_refuses_a_workdir_in_use_and_releases_its_own(probe_runs, tmp_path):
+  from sdl_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  _, _, workdir, config = probe_runs
+  config = config.copy_and_resolve_references()
+  config.probe_feature_dir = os.path.join(workdir, "features")
+  target = tmp_path / "busy"
+  target.mkdir()
+  with workdir_lock.WorkdirLock(str(target), "training"):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"in use by process {os.getpid()}"):
+      probe.probe_and_evaluate(config, str(target))
+  assert not (target / "results.json").exists()
+  probe.probe_and_evaluate(config, str(target))  # free again: runs, and lets go
+  assert (target / "results.json").exists()
+  assert (target / workdir_lock.LOCK_FILE).read_text() == ""
+
+
 def test_mirrored_features_are_added_beside_the_cached_ones(probe_runs, tmp_path):
   _, _, workdir, config = probe_runs
   config = config.copy_and_resolve_references()
