@@ -7,6 +7,7 @@ to JAX (TensorFlow, used for data only, hides them from itself: ``sdl_jax.data.p
 so that the tests run on JAX's default backend, whichever it is."""
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("SDL_JAX_TEST_ACCELERATOR") != "1":
   os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+
+# The repository's root on the path, so that any test file, run alone or with the rest,
+# imports ``benchmarks`` (not part of the installed package).
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
 
 FERPLUS_ARCHIVE = Path(__file__).resolve().parents[2] / "shared/data/ferplus.tar.gz"
 
