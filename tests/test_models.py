@@ -411,3 +411,39 @@ def test_paths_mode_from_context_environment_and_config(monkeypatch):
   assert cpu_paths.hand_paths()
   with pytest.raises(ValueError, match="config.cpu.kernels='gpu'"):
     cpu_paths.set_default("gpu")
+
+
+def test_efficientnet_frozen_bn_trains_as_the_eval_forward_with_fixed_statistics():
+  kw = dict(dropout_rate=0.0, drop_connect_rate=0.0)
+  frozen = models.get_model("efficientnet_lite0", 3, frozen_bn=True, **kw)
+  plain = models.get_model("efficientnet_lite0", 3, **kw)
+  rng = np.random.default_rng(0)
+  v = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, s.dtype),
+                             _abstract_variables(plain, 32))
+  v["batch_stats"] = jax.tree_util.tree_map(jnp.abs, v["batch_stats"])  # variances > 0
+  x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+
+  def train_forward(model, params):
+    return model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+
+  eval_logits = plain.apply(v, x, train=False)
+  logits, updates = train_forward(frozen, v["params"])
+  np.testing.assert_allclose(logits, eval_logits, rtol=1e-5, atol=1e-6)
+  # The running statistics come back as they went in.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, updates["batch_stats"],
+                         v["batch_stats"])
+  plain_logits, plain_updates = train_forward(plain, v["params"])
+  assert not np.allclose(plain_logits, eval_logits, atol=1e-3)  # batch statistics differ
+  moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: bool(np.any(a != b)), plain_updates["batch_stats"], v["batch_stats"]))
+  assert all(moved)
+  # BatchNorm's scale and bias still learn.
+  grads = jax.grad(lambda p: train_forward(frozen, p)[0].sum())(v["params"])
+  assert float(jnp.abs(grads["stem_bn"]["scale"]).max()) > 0
+  assert float(jnp.abs(grads["block3"]["dw_bn"]["bias"]).max()) > 0
+
+
+def test_unknown_model_setting_is_named():
+  with pytest.raises(ValueError, match=r"model 'resnet50' has no setting 'frozen_bn' "
+                                       r"\(config.model_kwargs\); its settings: "):
+    models.get_model("resnet50", 3, frozen_bn=True)

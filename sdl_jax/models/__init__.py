@@ -74,6 +74,11 @@ def get_model(name: str, num_classes: int, dtype: Any = jnp.float32, **kwargs):
   spec = get_spec(name)
   module_name, cls_name = spec.module.split(":")
   cls = getattr(importlib.import_module(module_name), cls_name)
+  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes", "dtype"}
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(f"model {name!r} has no setting {', '.join(map(repr, unknown))} "
+                     f"(config.model_kwargs); its settings: {', '.join(sorted(known))}")
   return cls(num_classes=num_classes, dtype=dtype, **kwargs)
 
 

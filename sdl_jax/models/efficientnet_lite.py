@@ -84,11 +84,13 @@ class MBConv(nn.Module):
   out_channels: int
   drop_rate: float
   dtype: Any
+  frozen_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(Conv, use_bias=False, padding="SAME", dtype=self.dtype)
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.99,
+    norm = functools.partial(BatchNorm, use_running_average=self.frozen_bn or not train,
+                             momentum=0.99,
                              epsilon=1e-3, dtype=self.dtype)
     cin = x.shape[-1]
     h = x
@@ -115,6 +117,9 @@ class EfficientNetLite(nn.Module):
   Input float ``[N, H, W, 3]`` (any H, W; 224/240/260 for Lite0/1/2 pretrained);
   output logits float32 ``[N, num_classes]``. ``drop_connect_rate`` grows linearly
   with the block index, ``rate * i / num_blocks``, as in the reference implementation.
+  ``frozen_bn``: every BatchNorm uses its running statistics in training too (a fixed
+  per-channel affine map whose ``scale`` and ``bias`` still learn; the statistics never
+  change), the usual way to fine-tune a pretrained body on a small data set.
   """
   num_classes: int
   width: float = 1.0
@@ -122,10 +127,12 @@ class EfficientNetLite(nn.Module):
   dropout_rate: float = 0.2
   drop_connect_rate: float = 0.2
   dtype: Any = jnp.float32
+  frozen_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.99,
+    norm = functools.partial(BatchNorm, use_running_average=self.frozen_bn or not train,
+                             momentum=0.99,
                              epsilon=1e-3, dtype=self.dtype)
     x = x.astype(self.dtype)
     x = Conv(STEM_WIDTH, (3, 3), strides=(2, 2), padding="SAME", use_bias=False,
@@ -134,7 +141,7 @@ class EfficientNetLite(nn.Module):
     blocks = block_configs(self.width, self.depth)
     for i, (k, s, e, _, cout) in enumerate(blocks):
       x = MBConv(k, s, e, cout, self.drop_connect_rate * i / len(blocks), self.dtype,
-                 name=f"block{i}")(x, train)
+                 self.frozen_bn, name=f"block{i}")(x, train)
     x = Conv(TOP_WIDTH, (1, 1), use_bias=False, dtype=self.dtype, name="top_conv")(x)
     x = norm(name="top_bn", activation="relu6")(x)
     x = jnp.mean(x, axis=(1, 2))
