@@ -45,6 +45,7 @@ def second_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_ensemble_scores_the_mean_of_its_members(trained_workdir, second_workdir):  # noqa: F811
   from sdl_jax import data  # pylint: disable=g-import-not-at-top
   result = ensemble.evaluate_ensemble([str(trained_workdir), str(second_workdir)])
@@ -68,6 +69,7 @@ def test_ensemble_scores_the_mean_of_its_members(trained_workdir, second_workdir
         np.mean(metrics.ldl_measures(pred["distribution"], pred["probs"])["kl"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_of_one_model_twice_is_that_model(trained_workdir, tmp_path):  # noqa: F811
   copy = tmp_path / "copy"
   shutil.copytree(trained_workdir, copy)
@@ -76,6 +78,7 @@ def test_ensemble_of_one_model_twice_is_that_model(trained_workdir, tmp_path):  
     np.testing.assert_allclose(result["ensemble"][k], v, rtol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_ensemble_refuses_members_of_other_data(trained_workdir, tmp_path):  # noqa: F811
   other = tmp_path / "other"
   shutil.copytree(trained_workdir, other)
@@ -95,6 +98,7 @@ def _cli(*args, cwd):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line(trained_workdir, second_workdir, tmp_path):  # noqa: F811
   out = tmp_path / "out"
   done = _cli(f"--workdirs={trained_workdir},{second_workdir}", f"--out={out}", cwd=tmp_path)

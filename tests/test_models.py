@@ -413,6 +413,7 @@ def test_paths_mode_from_context_environment_and_config(monkeypatch):
     cpu_paths.set_default("gpu")
 
 
+@pytest.mark.slow
 def test_efficientnet_frozen_bn_trains_as_the_eval_forward_with_fixed_statistics():
   kw = dict(dropout_rate=0.0, drop_connect_rate=0.0)
   frozen = models.get_model("efficientnet_lite0", 3, frozen_bn=True, **kw)
