@@ -103,7 +103,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(workdirs: Sequence[str], split: str = "test", which: str = "best",
          out: str | None = None) -> int:
-  result = evaluate_ensemble(workdirs, split, which)
+  """Prints the table (and writes ``out/ensemble.json``); returns 0, or 1 after one line
+  on stderr for members that cannot go together, a broken checkpoint or a missing run."""
+  from sdl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    result = evaluate_ensemble(workdirs, split, which)
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    return evaluate.refuse("ensemble", e)
   print(f"{split}: {result['count']} images")
   print(format_table(result))
   if out:

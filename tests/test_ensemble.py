@@ -90,6 +90,10 @@ def test_ensemble_refuses_members_of_other_data(trained_workdir, tmp_path):  # n
     ensemble.evaluate_ensemble([str(trained_workdir), str(other)])
   with pytest.raises(ValueError, match="at least two"):
     ensemble.evaluate_ensemble([str(trained_workdir)])
+  done = _cli(f"--workdirs={trained_workdir},{other}", cwd=tmp_path)
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert done.stderr.strip().splitlines()[-1].startswith(f"ensemble: {other} was trained on "
+                                                         "other data settings")
 
 
 def _cli(*args, cwd):
