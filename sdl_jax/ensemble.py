@@ -39,9 +39,11 @@ def mean_distribution(probs: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _data_key(config) -> str:
-  """The data settings that decide which images a split holds, in which order."""
+  """The data settings that decide which images a split holds, in which order (where the
+  files are is left out: the targets are compared too)."""
   d = config.data.to_dict()
-  d.pop("cache_dir", None)
+  for where in ("cache_dir", "path"):
+    d.pop(where, None)
   return json.dumps(d, sort_keys=True, default=str)
 
 
